@@ -1,0 +1,1 @@
+"""The relay's actors: Registry, Dispatcher and Sender shards, each beside its plain logic."""

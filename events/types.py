@@ -1,0 +1,137 @@
+"""Event types: the facts the relay records, with the fields an auditor needs.
+
+An `Event` is a type name plus a flat JSON object. The names are fixed (they
+appear in the log and in every output); the constructors below are the only
+place events are built, so each type's fields are visible in one file.
+Times are ISO 8601 UTC strings with milliseconds (`2026-11-25T19:43:17.123Z`);
+Apple's 410 timestamp is kept as Apple sent it, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+DEVICE_REGISTERED = "device_registered"
+DEVICE_UNREGISTERED = "device_unregistered"
+UNREGISTER_SKIPPED = "unregister_skipped"
+RUN_STARTED = "run_started"
+RUN_FINISHED = "run_finished"
+NOTIFICATION_DELIVERED = "notification_delivered"
+NOTIFICATION_FAILED = "notification_failed"
+NOTIFICATION_ABANDONED = "notification_abandoned"
+RELAY_HALTED = "relay_halted"
+
+EVENT_TYPES = frozenset({
+    DEVICE_REGISTERED, DEVICE_UNREGISTERED, UNREGISTER_SKIPPED, RUN_STARTED, RUN_FINISHED,
+    NOTIFICATION_DELIVERED, NOTIFICATION_FAILED, NOTIFICATION_ABANDONED, RELAY_HALTED,
+})
+
+# Why a device was unregistered: by its own request through the API, or by an APNs verdict.
+CAUSE_API = "api"
+DEAD_TOKEN_REASONS = frozenset({"Unregistered", "ExpiredToken", "DeviceTokenNotForTopic",
+                                "BadDeviceToken"})
+UNREGISTER_CAUSES = DEAD_TOKEN_REASONS | {CAUSE_API}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One fact, not yet in the log."""
+
+    type: str
+    data: Mapping[str, Any]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """`2026-11-25T19:43:17.123Z` for an epoch in milliseconds."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: str) -> int:
+    """Epoch milliseconds of an ISO 8601 time written by `iso_ms` (or any offset-aware one)."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return round(moment.timestamp() * 1000)
+
+
+def device_registered(token: str, at_ms: int) -> Event:
+    return Event(DEVICE_REGISTERED, {"token": token, "at": iso_ms(at_ms)})
+
+
+def device_unregistered(token: str, at_ms: int, cause: str, *,
+                        apple_timestamp_ms: int | None = None, run: int | None = None,
+                        apns_id: str | None = None) -> Event:
+    return Event(DEVICE_UNREGISTERED, {
+        "token": token, "at": iso_ms(at_ms), "cause": cause,
+        "apple_timestamp_ms": apple_timestamp_ms, "run": run, "apns_id": apns_id,
+    })
+
+
+def unregister_skipped(token: str, at_ms: int, cause: str, *, verdict_at_ms: int,
+                       registered_at_ms: int | None, why: str, run: int | None = None,
+                       apple_timestamp_ms: int | None = None) -> Event:
+    return Event(UNREGISTER_SKIPPED, {
+        "token": token, "at": iso_ms(at_ms), "cause": cause, "run": run,
+        "apple_timestamp_ms": apple_timestamp_ms, "verdict_at": iso_ms(verdict_at_ms),
+        "registered_at": None if registered_at_ms is None else iso_ms(registered_at_ms),
+        "why": why,
+    })
+
+
+def run_started(run: int, at_ms: int, tokens: int) -> Event:
+    return Event(RUN_STARTED, {"run": run, "at": iso_ms(at_ms), "tokens": tokens})
+
+
+def run_finished(run: int, at_ms: int, *, tokens: int, delivered: int, failed: int,
+                 abandoned: int, unregistered: int) -> Event:
+    return Event(RUN_FINISHED, {
+        "run": run, "at": iso_ms(at_ms), "tokens": tokens, "delivered": delivered,
+        "failed": failed, "abandoned": abandoned, "unregistered": unregistered,
+    })
+
+
+def notification_delivered(run: int, token: str, at_ms: int, *, attempt: int, apns_id: str,
+                           status: int, latency_ms: float) -> Event:
+    return Event(NOTIFICATION_DELIVERED, {
+        "run": run, "token": token, "at": iso_ms(at_ms), "attempt": attempt,
+        "apns_id": apns_id, "status": status, "latency_ms": round(latency_ms, 3),
+    })
+
+
+def notification_failed(run: int, token: str, at_ms: int, *, attempt: int, apns_id: str,
+                        status: int | None, reason: str | None, verdict: str,
+                        apple_timestamp_ms: int | None, latency_ms: float,
+                        next_attempt_at_ms: int | None) -> Event:
+    """One failed attempt; `next_attempt_at` is None when no retry follows."""
+    return Event(NOTIFICATION_FAILED, {
+        "run": run, "token": token, "at": iso_ms(at_ms), "attempt": attempt,
+        "apns_id": apns_id, "status": status, "reason": reason, "verdict": verdict,
+        "apple_timestamp_ms": apple_timestamp_ms, "latency_ms": round(latency_ms, 3),
+        "next_attempt_at": None if next_attempt_at_ms is None else iso_ms(next_attempt_at_ms),
+    })
+
+
+def notification_abandoned(run: int, token: str, at_ms: int, *, attempts: int, apns_id: str,
+                           last_reason: str | None) -> Event:
+    return Event(NOTIFICATION_ABANDONED, {
+        "run": run, "token": token, "at": iso_ms(at_ms), "attempts": attempts,
+        "apns_id": apns_id, "last_reason": last_reason,
+    })
+
+
+def relay_halted(at_ms: int, *, halt_class: str, reason: str | None, status: int | None,
+                 message: str, run: int | None = None, token: str | None = None) -> Event:
+    """`halt_class` is `relay_bug` or `configuration` (the APNs classes that stop the relay)."""
+    return Event(RELAY_HALTED, {
+        "at": iso_ms(at_ms), "halt_class": halt_class, "reason": reason, "status": status,
+        "message": message, "run": run, "token": token,
+    })

@@ -1,0 +1,269 @@
+"""PostgreSQL for the relay: connections, migrations, and the embedded server.
+
+With no `database.dsn` the relay runs a private PostgreSQL in `database.data_dir`,
+from the `pgserver` wheel when it is installed (the `embedded` extra), else from
+the machine's PostgreSQL server binaries. Several relay processes on one data
+dir share one server: each holds a shared lock on the directory while it runs,
+and the last one out stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+# Migrations run under this advisory lock, so relay processes starting together
+# apply each file exactly once instead of racing on CREATE TABLE.
+MIGRATION_LOCK_KEY = 0x61706E73  # "apns"
+EMBEDDED_DATABASE = "relay"
+# PostgreSQL refuses to run as root; these are the unprivileged accounts we try, in order.
+UNPRIVILEGED_USERS = ("postgres", "nobody")
+START_TIMEOUT = 60.0
+
+
+class DatabaseError(Exception):
+    """The database cannot be used; the message says what to do."""
+
+
+def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A connection whose connect timeout is bounded: an unreachable server must not hang us."""
+    kwargs.setdefault("connect_timeout", 10)
+    return psycopg.connect(dsn, **kwargs)
+
+
+def migrations() -> list[tuple[str, str]]:
+    """The numbered SQL files shipped in the `schema` package, in order."""
+    files = [f for f in resources.files("schema").iterdir() if f.name.endswith(".sql")]
+    return sorted((f.name, f.read_text(encoding="utf-8")) for f in files)
+
+
+def apply_migrations(dsn: str) -> list[str]:
+    """Apply every migration not applied yet, each in its own transaction; returns their names.
+
+    Idempotent and safe when several processes start at once: the advisory lock
+    serialises them and the `schema_migrations` table records what is done.
+    """
+    applied: list[str] = []
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+            for name, sql in migrations():
+                if name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql.encode())
+                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
+                applied.append(name)
+                log.info("applied migration %s", name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    return applied
+
+
+# --- the embedded server -----------------------------------------------------------
+
+
+def _reachable(path: Path, account: pwd.struct_passwd | None) -> bool:
+    """Whether `account` (None: ourselves) can pass through every directory above `path`."""
+    if account is None:
+        return True
+    for parent in path.parents:
+        info = parent.stat()
+        if info.st_uid != account.pw_uid and not info.st_mode & 0o001:
+            return False
+    return True
+
+
+def _server_binaries(account: pwd.struct_passwd | None) -> Path | None:
+    """The directory holding `initdb`, `pg_ctl` and `postgres` that `account` can run.
+
+    The `pgserver` wheel's copy comes first; the machine's binaries are the fallback
+    (also when the wheel sits where the unprivileged account cannot reach it).
+    """
+    candidates = [os.environ.get("RELAY_PG_BINDIR", "")]
+    wheel = importlib.util.find_spec("pgserver")  # optional: the `embedded` extra
+    if wheel is not None and wheel.submodule_search_locations:
+        candidates.append(str(Path(wheel.submodule_search_locations[0]) / "pginstall" / "bin"))
+    if pg_config := shutil.which("pg_config"):
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        tools = [path / tool for tool in ("initdb", "pg_ctl", "postgres")]
+        if all(tool.is_file() for tool in tools) and _reachable(tools[0], account):
+            return path
+    return None
+
+
+def _unprivileged_account() -> pwd.struct_passwd | None:
+    """None when we are not root; else the account the server runs as."""
+    if os.geteuid() != 0:
+        return None
+    for name in UNPRIVILEGED_USERS:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise DatabaseError(
+        "running as root, and PostgreSQL refuses to run as root: create an unprivileged "
+        f"user (one of {', '.join(UNPRIVILEGED_USERS)}) or set database.dsn"
+    )
+
+
+@contextmanager
+def _locked(path: Path, mode: int) -> Iterator[IO[str]]:
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, mode)
+        yield handle
+    finally:
+        handle.close()
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster in a directory, shared by the processes using it.
+
+    `start()` returns a DSN; `stop()` releases this process's claim and stops the
+    server when no other process holds one.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self._users_handle: IO[str] | None = None
+
+    @property
+    def _setup_lock(self) -> Path:
+        return self.data_dir / "setup.lock"
+
+    @property
+    def _users_lock(self) -> Path:
+        return self.data_dir / "users.lock"
+
+    def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self._ensure_database(self._start_server())
+
+    def _start_server(self) -> str:
+        account = _unprivileged_account()
+        bindir = _server_binaries(account)
+        if bindir is None:
+            raise DatabaseError(
+                "no PostgreSQL available for the embedded database: install the `embedded` "
+                "extra (pip install 'apns-relay[embedded]', which brings pgserver) or the "
+                "PostgreSQL server binaries (initdb, pg_ctl, postgres), or set database.dsn"
+            )
+        with _locked(self._setup_lock, fcntl.LOCK_EX):
+            if account is not None:
+                if not _reachable(self.data_dir, account):
+                    raise DatabaseError(
+                        f"database.data_dir {self.data_dir} lies in a directory that the "
+                        f"unprivileged account {account.pw_name!r} running PostgreSQL cannot "
+                        "enter; choose a data_dir outside it (e.g. under /var/lib)"
+                    )
+                os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+            if not (self.pgdata / "PG_VERSION").exists():
+                self._run(account, [str(bindir / "initdb"), "-D", str(self.pgdata), "-U",
+                                    "postgres", "--auth=trust", "--encoding=UTF8",
+                                    "--no-instructions"])
+            if not self._running(bindir, account):
+                log.info("starting the embedded PostgreSQL in %s", self.pgdata)
+                self._run(account, [
+                    str(bindir / "pg_ctl"), "-D", str(self.pgdata), "-w",
+                    "-t", str(int(START_TIMEOUT)), "-l", str(self.data_dir / "postgres.log"),
+                    "-o", f"-c listen_addresses='' -k {self.pgdata} -c fsync=on", "start",
+                ])
+            self._users_handle = self._users_lock.open("a")
+            fcntl.flock(self._users_handle, fcntl.LOCK_SH)
+        return f"postgresql://postgres@/postgres?host={self.pgdata}"
+
+    def _running(self, bindir: Path, account: pwd.struct_passwd | None) -> bool:
+        result = self._run(account, [str(bindir / "pg_ctl"), "-D", str(self.pgdata), "status"],
+                           check=False)
+        return result.returncode == 0
+
+    def _run(self, account: pwd.struct_passwd | None, argv: list[str],
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        def demote() -> None:
+            if account is not None:
+                os.setgid(account.pw_gid)
+                os.setuid(account.pw_uid)
+
+        result = subprocess.run(argv, capture_output=True, text=True, preexec_fn=demote,
+                                cwd="/", check=False)
+        if check and result.returncode != 0:
+            raise DatabaseError(
+                f"{Path(argv[0]).name} failed for {self.pgdata}: "
+                f"{(result.stderr or result.stdout).strip()}"
+            )
+        return result
+
+    @staticmethod
+    def _ensure_database(server_dsn: str) -> str:
+        """The relay keeps its log in its own database on the private server."""
+        with connect(server_dsn, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (EMBEDDED_DATABASE,)).fetchone()
+            if not exists:
+                # Another relay process may have created it a moment ago.
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                    conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+        conninfo = psycopg.conninfo.conninfo_to_dict(server_dsn)
+        conninfo["dbname"] = EMBEDDED_DATABASE
+        return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in conninfo.items()})
+
+    def stop(self) -> None:
+        """Release our claim; the last process out stops the server."""
+        if self._users_handle is None:
+            return
+        with _locked(self._setup_lock, fcntl.LOCK_EX):
+            self._users_handle.close()
+            self._users_handle = None
+            with self._users_lock.open("a") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # another relay process still uses the server
+                account = _unprivileged_account()
+                bindir = _server_binaries(account)
+                if bindir is not None:
+                    self._run(account, [
+                        str(bindir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",
+                        "stop"], check=False)
+
+
+def wait_until_reachable(dsn: str, timeout: float) -> None:
+    """Block until a connection succeeds, or raise DatabaseError naming the last failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with connect(dsn, connect_timeout=max(1, int(timeout))):
+                return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() >= deadline:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise DatabaseError(f"cannot reach the database: {first_line}") from None
+            time.sleep(0.5)

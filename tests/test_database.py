@@ -1,0 +1,72 @@
+"""Migrations and the embedded server, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from relay.database import EmbeddedPostgres, apply_migrations, migrations
+from tests.conftest import _with_dbname
+
+
+@pytest.fixture
+def empty_dsn(admin_dsn: str):
+    name = f"relay_empty_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield _with_dbname(admin_dsn, name)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migrations_are_numbered_and_shipped() -> None:
+    names = [name for name, _ in migrations()]
+    assert names, "schema/ ships no migration"
+    assert all(name[:3].isdigit() and name[3] == "_" for name in names)
+    assert len({name[:3] for name in names}) == len(names), "two migrations share a number"
+
+
+def test_concurrent_starts_apply_each_migration_once(empty_dsn: str) -> None:
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            results.append(apply_migrations(empty_dsn))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    applied = sorted(name for result in results for name in result)
+    assert applied == sorted(name for name, _ in migrations())
+    assert apply_migrations(empty_dsn) == []
+    with psycopg.connect(empty_dsn) as conn:
+        count = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
+    assert count == (len(migrations()),)
+
+
+def test_embedded_server_is_shared_and_stopped_by_the_last_user() -> None:
+    # Not pytest's tmp_path: it is private to root, and the server runs unprivileged.
+    directory = Path(tempfile.mkdtemp(prefix="relay-embedded-"))
+    directory.chmod(0o755)
+    first, second = EmbeddedPostgres(directory), EmbeddedPostgres(directory)
+    dsn = first.start()
+    assert second.start() == dsn
+    first.stop()
+    with psycopg.connect(dsn) as conn:  # still served for the second user
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    second.stop()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn, connect_timeout=2)
+    shutil.rmtree(directory, ignore_errors=True)
