@@ -1,0 +1,71 @@
+"""`python -m relay` (also `apns-relay`): the supervisor and the operator commands.
+
+Exit statuses: 0 done; 1 the audit found a mismatch, or a runtime failure;
+2 bad configuration or usage; 9 APNs reported a relay bug or a configuration
+error (a `relay_halted` event says which and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from relay import NAME, __version__
+from relay.config import ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_HALTED = 9
+
+log = logging.getLogger("relay")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay",
+        description="Event-sourced APNs wake-up relay. With no command: run the supervisor "
+        "(device API + a wakeup at start and every wakeup.interval).",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML configuration (default: $RELAY_CONFIG, else embedded defaults)")
+    parser.add_argument("--version", action="version", version=f"{NAME} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help="run the supervisor (the default)")
+    commands.add_parser("wakeup", help="run one wakeup over all registered tokens, then exit")
+    commands.add_parser("audit", help="replay the event log (see `audit --help`)", add_help=False)
+    commands.add_parser("rebuild", help="rebuild the cached state tables from the event log",
+                        add_help=False)
+    commands.add_parser("migrate", help="apply the database migrations, then exit")
+    commands.add_parser("simulator", help="run the APNs simulator (see `simulator --help`)",
+                        add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    command = args.command or "run"
+    if rest and command not in ("audit", "rebuild", "simulator"):
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if command == "simulator":
+        from relay.simulator.cli import main as simulator_main
+
+        return simulator_main(rest)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{NAME}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from relay import supervisor
+
+    return supervisor.run_command(command, config, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
