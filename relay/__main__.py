@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.logging.level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from relay import supervisor
+    from relay.supervisor import run_command
 
-    return supervisor.run_command(command, config, rest)
+    return run_command(command, config, rest)
 
 
 if __name__ == "__main__":

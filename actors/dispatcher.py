@@ -1,0 +1,448 @@
+"""The Dispatcher: drives one wakeup run from `run_started` to `run_finished`.
+
+It owns the run's pace, not its tokens. It pages through due tokens with the
+LogReader (keyset pages: memory holds one page, the tokens in flight and the
+parked ones, never the registry), and hands them to the Sender shards within a
+credit window of `wakeup.max_in_flight` sends. Parked tokens (in back-off) give
+their credit back and ask for one when due; those requests go before new
+tokens, so a retry is never starved by the rest of the run.
+
+It also owns the circuit breaker (every send passes through its credit grant,
+so pausing the grants pauses all sending) and the run's end: the run finishes
+when the pages are exhausted and every token taken has a final outcome; it is
+left unfinished (for the next start to resume) when a stop is requested or APNs
+reports a relay bug or configuration error, after which `relay_halted` is
+appended and the halt reported to the owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+import psycopg
+import pykka
+
+from actors.alarm import Alarm
+from actors.backoff import DecorrelatedJitter
+from actors.breaker import BreakerState, CircuitBreaker
+from actors.delivery import DeliveryPolicy, HaltInfo, Outcome
+from actors.registry import RegistryHandle
+from actors.sender import (
+    Assign,
+    CreditWanted,
+    Grant,
+    HaltReported,
+    Reports,
+    SenderShard,
+    ShardFault,
+    TokenDone,
+    Work,
+    shard_of,
+)
+from events import types as ev
+from events.journal import Journal
+from events.store import LogReader, TokenState
+from relay import metrics
+from relay.apns import ApnsClient
+from relay.config import WakeupConfig
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 500  # tokens per keyset page: one short query, a bounded slice of memory
+DB_RETRY_MIN, DB_RETRY_MAX = 0.4, 30.0  # reads while the database is away, as the Journal
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one call of the wakeup produced; `halted` set means: exit status 9."""
+
+    run: int | None
+    finished: bool
+    resumed: bool = False
+    tokens: int = 0
+    delivered: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    unregistered: int = 0
+    halted: HaltInfo | None = None
+    stopped: bool = False  # a stop was requested: the run is left for the next start
+    drained: bool = True  # False: the drain timed out with sends still unanswered
+
+
+@dataclass(frozen=True)
+class Progress:
+    """For progress bars and logs: tokens done (final outcome) of `total` in this run."""
+
+    run: int
+    done: int
+    total: int
+    sends: int  # answered sends in this process
+    elapsed: float  # seconds since this process took up the run
+    done_at_start: int = 0  # already done when a resumed run was taken up
+
+    @property
+    def rate(self) -> float:
+        """Tokens finished per second in this process."""
+        return (self.done - self.done_at_start) / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the current rate (None until there is a rate)."""
+        rate = self.rate
+        return max(0, self.total - self.done) / rate if rate > 0 else None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Stop feeding; finish when the sends in flight are recorded."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Ask for the run's `RunResult` so far."""
+
+
+@dataclass(frozen=True)
+class _Begin:
+    pass
+
+
+@dataclass(frozen=True)
+class _Wake:
+    pass
+
+
+@dataclass(frozen=True)
+class _Committed:
+    what: str  # "started", "halted" or "finished"
+    error: BaseException | None = None
+
+
+class Dispatcher(pykka.ThreadingActor):
+    def __init__(self, config: WakeupConfig, *, reader: LogReader, journal: Journal,
+                 client: ApnsClient, registry: RegistryHandle, done: Future[RunResult],
+                 progress: ProgressCallback | None = None,
+                 rng: random.Random | None = None) -> None:
+        super().__init__()
+        self._config, self._reader, self._journal = config, reader, journal
+        self._client, self._registry, self._done = client, registry, done
+        self._progress_cb = progress
+        self._policy = DeliveryPolicy(config.attempts, DecorrelatedJitter(
+            config.backoff_base, config.backoff_max, config.backoff_factor, rng))
+        self._breaker = CircuitBreaker(config.breaker_pause)
+        self._alarm = Alarm(lambda: _tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
+        self._shards: list[pykka.ActorRef[SenderShard]] = []
+
+        self._result = RunResult(run=None, finished=False)
+        self._started = False
+        self._credits = config.max_in_flight
+        self._page: deque[TokenState] = deque()
+        self._cursor = ""
+        self._exhausted = False
+        self._wanted: deque[CreditWanted] = deque()
+        self._active = 0  # tokens taken in this process without a final outcome yet
+        self._taken = 0
+        self._sends = 0
+        self._stopping = False
+        self._halt_recorded = False
+        self._finishing = False
+        self._db_delay = DB_RETRY_MIN
+        self._db_retry_at: float | None = None
+        self._t0 = time.monotonic()
+        self._done_at_start = 0
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._alarm.start()
+        self.actor_ref.tell(_Begin())
+
+    def on_stop(self) -> None:
+        self._stop_children()
+        if not self._done.done():
+            self._done.set_result(replace(self._result, stopped=True, drained=False))
+
+    def on_failure(self, exception_type: type[BaseException] | None,
+                   exception_value: BaseException | None,
+                   traceback: TracebackType | None) -> None:
+        """pykka skips on_stop after a failure: stop the shards here, and tell the owner."""
+        self._stop_children()
+        if not self._done.done() and exception_value is not None:
+            self._done.set_exception(exception_value)
+
+    def _stop_children(self) -> None:
+        self._alarm.stop()
+        for shard in self._shards:
+            with contextlib.suppress(pykka.ActorDeadError):
+                shard.stop(block=False)
+        for shard in self._shards:
+            with contextlib.suppress(pykka.ActorDeadError):
+                shard.stop(block=True)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Snapshot):
+            return self._result
+        if isinstance(message, Reports):
+            for report in message.messages:
+                self._take_report(report)
+        elif isinstance(message, (TokenDone, CreditWanted, HaltReported)):
+            self._take_report(message)
+        elif isinstance(message, ShardFault):
+            self._fail(message.error)
+            return None
+        elif isinstance(message, Drain):
+            if not self._stopping:
+                log.info("stop requested: no new sends; waiting for %d in flight",
+                         self._in_flight)
+            self._stopping = True
+            self._result = replace(self._result, stopped=True)
+        elif isinstance(message, _Begin):
+            self._begin()
+        elif isinstance(message, _Committed):
+            self._committed(message)
+            return None
+        elif (isinstance(message, _Wake) and not self._started
+              and self._db_retry_at is not None):
+            self._begin()
+        self._feed()
+        return None
+
+    def _take_report(self, report: TokenDone | CreditWanted | HaltReported) -> None:
+        if isinstance(report, TokenDone):
+            self._token_done(report)
+        elif isinstance(report, CreditWanted):
+            if not self._stopping:
+                self._wanted.append(report)
+        else:
+            self._halt(report)
+
+    # --- the run -------------------------------------------------------------------------
+
+    @property
+    def _in_flight(self) -> int:
+        return self._config.max_in_flight - self._credits
+
+    def _begin(self) -> None:
+        """Resume the unfinished run, else start a new one."""
+        self._db_retry_at = None
+        try:
+            unfinished = self._reader.unfinished_run()
+            if unfinished is None:
+                run = self._reader.next_run_number()
+                tokens = self._reader.active_count()
+        except psycopg.Error as exc:
+            self._retry_db("start the run", exc)
+            return
+        self._db_delay = DB_RETRY_MIN
+        if unfinished is not None:
+            self._result = RunResult(
+                run=unfinished.run, finished=False, resumed=True, tokens=unfinished.tokens,
+                delivered=unfinished.delivered, failed=unfinished.failed,
+                abandoned=unfinished.abandoned, unregistered=unfinished.unregistered)
+            self._done_at_start = (unfinished.delivered + unfinished.abandoned
+                                   + unfinished.unregistered)
+            log.info("resuming unfinished run %d (%d tokens, %d already done)",
+                     unfinished.run, unfinished.tokens, self._done_at_start)
+            self._take_up(unfinished.run)
+            return
+        metrics.DEVICES_REGISTERED.set(tokens)
+        self._result = RunResult(run=run, finished=False, tokens=tokens)
+        log.info("starting run %d over %d registered tokens", run, tokens)
+        self._append([ev.run_started(run, ev.now_ms(), tokens)], "started")
+
+    def _take_up(self, run: int) -> None:
+        self._started = True
+        self._t0 = time.monotonic()
+        self._shards = [
+            SenderShard.start(i, run, self.actor_ref, self._client, self._journal,
+                              self._registry, self._policy)
+            for i in range(self._config.senders)
+        ]
+        self._report_progress()
+
+    def _committed(self, message: _Committed) -> None:
+        if message.error is not None:
+            self._fail(message.error)
+            return
+        if message.what == "started":
+            assert self._result.run is not None
+            self._take_up(self._result.run)
+        elif message.what == "halted":
+            self._halt_recorded = True
+        elif message.what == "finished":
+            metrics.RUNS.inc()
+            metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
+            self._result = replace(self._result, finished=True)
+            self._report_progress()
+            log.info("run %s finished: %s", self._result.run, _counts(self._result))
+            self._done.set_result(self._result)
+            return
+        self._feed()
+
+    def _feed(self) -> None:
+        """Grant credits: parked tokens that are due first, then new tokens from the page."""
+        if not self._started:
+            # Stopped while the database keeps the run from starting: nothing is in flight.
+            if self._stopping and self._db_retry_at is not None and not self._done.done():
+                self._done.set_result(self._result)
+            return
+        if self._finishing or self._done.done():
+            return
+        # One message per shard per feed, however many credits this feed hands out.
+        work: dict[int, list[Assign | Grant]] = {}
+        while self._credits > 0 and not self._stopping:
+            if self._wanted:
+                if not self._breaker.admit(self._wanted[0].token):
+                    break
+                wanted = self._wanted.popleft()
+                self._credits -= 1
+                work.setdefault(wanted.shard, []).append(Grant(wanted.token))
+                continue
+            if not self._page and not self._exhausted and not self._fetch_page():
+                break
+            if not self._page:
+                break
+            if not self._breaker.admit(self._page[0].token):
+                break
+            state = self._page.popleft()
+            self._credits -= 1
+            self._active += 1
+            self._taken += 1
+            work.setdefault(shard_of(state.token, len(self._shards)), []).append(Assign(state))
+        for shard, items in work.items():
+            self._shards[shard].tell(Work(tuple(items)))
+        resume_at = self._breaker.resume_at
+        if resume_at is not None:
+            self._alarm.at(resume_at)
+        self._maybe_end()
+
+    def _fetch_page(self) -> bool:
+        assert self._result.run is not None
+        if self._db_retry_at is not None and time.monotonic() < self._db_retry_at:
+            return False  # the database failed a moment ago: wait for the alarm
+        self._db_retry_at = None
+        try:
+            page = self._reader.due_tokens(self._result.run, self._cursor, PAGE_SIZE)
+        except psycopg.Error as exc:
+            self._retry_db("read due tokens", exc)
+            return False
+        self._db_delay = DB_RETRY_MIN
+        if len(page) < PAGE_SIZE:
+            self._exhausted = True
+        if page:
+            self._cursor = page[-1].token
+            self._page.extend(page)
+        return True
+
+    def _retry_db(self, what: str, exc: Exception) -> None:
+        log.warning("cannot %s (%s); retrying in %.1fs", what, exc, self._db_delay)
+        self._db_retry_at = time.monotonic() + self._db_delay
+        self._alarm.at(self._db_retry_at)
+        self._db_delay = min(DB_RETRY_MAX, random.uniform(DB_RETRY_MIN, self._db_delay * 3))
+
+    def _token_done(self, done: TokenDone) -> None:
+        self._credits += 1
+        if done.sent:
+            self._sends += 1
+            was_open = self._breaker.state is not BreakerState.CLOSED
+            self._breaker.record(done.token, done.status)
+            self._breaker_changed(was_open)
+        else:
+            self._breaker.void_probe(done.token)
+        result = replace(self._result, failed=self._result.failed + done.failed_events)
+        if done.outcome is None or not done.outcome.final:
+            self._result = result
+            return
+        self._active -= 1
+        if done.outcome is Outcome.DELIVERED:
+            result = replace(result, delivered=result.delivered + 1)
+        elif done.outcome is Outcome.ABANDONED:
+            result = replace(result, abandoned=result.abandoned + 1)
+        else:
+            result = replace(result, unregistered=result.unregistered + 1)
+        self._result = result
+        self._report_progress()
+
+    def _breaker_changed(self, was_open: bool) -> None:
+        is_open = self._breaker.state is not BreakerState.CLOSED
+        if is_open and not was_open:
+            log.warning("APNs is in trouble (many tokens failing at once): pausing all sends "
+                        "for %.0fs, then probing", self._config.breaker_pause)
+        elif was_open and not is_open:
+            log.info("APNs answered the probe: resuming sends")
+        metrics.BREAKER_OPEN.set(1 if is_open else 0)
+
+    def _halt(self, report: HaltReported) -> None:
+        self._credits += 1
+        self._result = replace(self._result, failed=self._result.failed + 1)
+        if self._result.halted is not None:
+            return
+        halt = report.halt
+        log.error("halting the relay: %s", halt.message)
+        self._stopping = True
+        self._result = replace(self._result, halted=halt)
+        self._append([halt.event(ev.now_ms())], "halted")
+
+    def _maybe_end(self) -> None:
+        if self._stopping:
+            halt_pending = self._result.halted is not None and not self._halt_recorded
+            if self._in_flight == 0 and not halt_pending and not self._done.done():
+                self._report_progress()
+                self._done.set_result(self._result)
+            return
+        if self._exhausted and not self._page and self._active == 0 and not self._finishing:
+            self._finishing = True
+            run = self._result.run
+            assert run is not None
+            tokens = self._done_at_start + self._taken
+            self._result = result = replace(self._result, tokens=tokens)
+            self._append([ev.run_finished(
+                run, ev.now_ms(), tokens=tokens, delivered=result.delivered,
+                failed=result.failed, abandoned=result.abandoned,
+                unregistered=result.unregistered)], "finished")
+
+    def _append(self, events: list[ev.Event], what: str) -> None:
+        ref = self.actor_ref
+
+        def committed(future: Future[list[int]]) -> None:
+            error = CancelledError() if future.cancelled() else future.exception()
+            _tell_quietly(ref, _Committed(what, error))
+
+        self._journal.append(events).add_done_callback(committed)
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("wakeup run %s failed: %r", self._result.run, error)
+        if not self._done.done():
+            self._done.set_exception(error)
+
+    def _report_progress(self) -> None:
+        """Called at take-up and on every final outcome: consumers throttle as they like."""
+        result = self._result
+        if self._progress_cb is None or result.run is None:
+            return
+        now = time.monotonic()
+        done = result.delivered + result.abandoned + result.unregistered
+        self._progress_cb(Progress(result.run, done, max(result.tokens, done), self._sends,
+                                   now - self._t0, self._done_at_start))
+
+
+def _counts(result: RunResult) -> str:
+    return (f"{result.tokens} tokens, {result.delivered} delivered, {result.failed} failed "
+            f"attempts, {result.abandoned} abandoned, {result.unregistered} unregistered")
+
+
+def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
+    with contextlib.suppress(pykka.ActorDeadError):
+        ref.tell(message)

@@ -1,0 +1,138 @@
+"""One wakeup run, as a plain call: the facade the supervisor and `relay wakeup` use.
+
+`WakeupRunner.run_once()` starts the Dispatcher (which starts its Sender shards),
+waits for the run to end, stops them and returns a `RunResult`. The long-lived
+parts (Journal, APNs client, Registry) belong to the caller, so one relay process
+runs many wakeups over one set of connections. `request_stop()` (from a signal
+handler's thread, say) drains: no new sends, in-flight sends recorded, the run
+left unfinished for the next start to resume, all within `wakeup.drain_timeout`.
+
+Wiring, in dependency order (stop in reverse)::
+
+    journal = Journal(dsn); journal.start()
+    registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
+    client = ApnsClient(config.apns, expiration=config.wakeup.interval); client.start()
+    runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client, registry=registry)
+    result = runner.run_once(ProgressLogger(config.wakeup.progress_interval))
+    # result.halted is not None -> exit status 9; runner.request_stop() on SIGTERM/SIGINT
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Any
+
+import pykka
+
+from actors.delivery import HaltInfo
+from actors.dispatcher import (
+    Dispatcher,
+    Drain,
+    Progress,
+    ProgressCallback,
+    RunResult,
+    Snapshot,
+)
+from actors.registry import RegistryHandle
+from events.journal import Journal
+from events.store import LogReader
+from relay.apns import ApnsClient
+from relay.config import Config
+
+__all__ = ["HaltInfo", "Progress", "ProgressLogger", "RunResult", "WakeupRunner"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT = 1.0  # seconds to get the counts of a run whose drain timed out
+
+
+class WakeupRunner:
+    """Runs wakeups one at a time over the caller's Journal, APNs client and Registry."""
+
+    def __init__(self, config: Config, *, dsn: str, journal: Journal, client: ApnsClient,
+                 registry: RegistryHandle, rng: random.Random | None = None) -> None:
+        self._config, self._dsn = config, dsn
+        self._journal, self._client, self._registry, self._rng = journal, client, registry, rng
+        self._lock = threading.Lock()
+        self._dispatcher: pykka.ActorRef[Dispatcher] | None = None
+        self._stop: Future[None] = Future()
+
+    def run_once(self, progress: ProgressCallback | None = None) -> RunResult:
+        """Run (or resume) one wakeup to its end, a halt, or a requested stop."""
+        if self._stop.done():
+            return RunResult(run=None, finished=False, stopped=True)
+        reader = LogReader(self._dsn)
+        done: Future[RunResult] = Future()
+        ref = Dispatcher.start(self._config.wakeup, reader=reader, journal=self._journal,
+                               client=self._client, registry=self._registry, done=done,
+                               progress=progress, rng=self._rng)
+        with self._lock:
+            self._dispatcher = ref
+            if self._stop.done():
+                ref.tell(Drain())
+        try:
+            return self._wait(ref, done)
+        finally:
+            with self._lock:
+                self._dispatcher = None
+            if ref.is_alive():
+                ref.stop(block=True)
+            reader.close()
+
+    def request_stop(self) -> None:
+        """Drain the current run (and refuse to start another); safe from any thread."""
+        with self._lock:
+            if not self._stop.done():
+                self._stop.set_result(None)
+            if self._dispatcher is not None:
+                with contextlib.suppress(pykka.ActorDeadError):
+                    self._dispatcher.tell(Drain())
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.done()
+
+    def _wait(self, ref: pykka.ActorRef[Dispatcher], done: Future[RunResult]) -> RunResult:
+        waiting: list[Future[Any]] = [done, self._stop]
+        concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+        if done.done():
+            return done.result()
+        timeout = self._config.wakeup.drain_timeout
+        try:
+            return done.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            log.warning("drain timed out after %.1fs with sends still unanswered; "
+                        "the next start resends them", timeout)
+            base = RunResult(run=None, finished=False)
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                answer = ref.ask(Snapshot(), timeout=SNAPSHOT_TIMEOUT)
+                if isinstance(answer, RunResult):
+                    base = answer
+            return replace(base, stopped=True, drained=False)
+
+
+class ProgressLogger:
+    """A progress callback that logs sent/total, rate and ETA every `interval` seconds."""
+
+    def __init__(self, interval: float, logger: logging.Logger = log) -> None:
+        self._interval, self._log = interval, logger
+        self._last: float | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        final = progress.done >= progress.total
+        if self._last is not None and now - self._last < self._interval and not final:
+            return
+        self._last = now
+        eta = progress.eta
+        self._log.info("run %d: %d/%d tokens done, %.1f tokens/s, ETA %s", progress.run,
+                       progress.done, progress.total, progress.rate,
+                       "unknown" if eta is None else f"{eta:.0f}s")
+

@@ -1,0 +1,593 @@
+"""`python -m relay audit` and `python -m relay rebuild`: the log replayed from the start.
+
+The audit reads the log in pages by position, inside one REPEATABLE READ snapshot so
+that the events, the head row and the cache tables it compares are one consistent
+state even while the relay keeps appending. With `--verify` it checks, per event:
+positions contiguous from 1; the body's own "position" and "type" and the `type`,
+`token` and `run` columns agree with the bytes; `hash = sha256(previous || body)`.
+At the end the last event must be the head recorded in `log_head` (a truncated tail
+leaves the head pointing past the end), and the cache tables must equal the fold of
+the log (events/projection.py). The first bad position is reported; exit status 1.
+
+Memory: one page of events plus the per-token fold (one small tuple per token).
+
+`rebuild` folds the log the same way and rewrites `devices` and `runs` from it in one
+transaction, holding the head lock so no append interleaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import json.scanner
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import psycopg
+from psycopg import sql
+
+from events import codec, projection
+from events.projection import DeviceRow, RunRow, State, time_ms
+from events.types import iso_ms, parse_iso_ms
+from relay.database import connect
+from relay.tokens import InvalidToken, normalize_token
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+PAGE_SIZE = 20_000  # events per keyset page
+PARALLEL_MIN_EVENTS = 200_000  # below this, worker processes cost more than they save
+SLICES_PER_JOB = 4  # slices per worker process: a slow slice delays the merge less
+MIN_SLICE = PAGE_SIZE  # events per slice at least
+PROGRESS_MIN_EVENTS = 200_000  # a bar only for logs long enough to wait for
+MAX_PROBLEMS = 20  # problems listed; the count goes on
+TEXT_RUNS_SHOWN = 20  # the text summary lists the latest runs only
+
+_PAGE = ("SELECT type, token, run, body, hash, position FROM events"
+         " WHERE position > %s AND position <= %s ORDER BY position LIMIT %s")
+
+
+@dataclass
+class Problem:
+    position: int | None
+    what: str
+
+
+@dataclass
+class Replay:
+    """The outcome of folding (a prefix of) the log."""
+
+    state: State = field(default_factory=State)
+    events: int = 0
+    last_position: int = 0
+    last_hash: bytes = codec.GENESIS_HASH
+    chain_problems: list[Problem] = field(default_factory=list)
+    chain_problem_count: int = 0
+    table_problems: list[Problem] = field(default_factory=list)
+    table_problem_count: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def chain_problem(self, position: int | None, what: str) -> None:
+        self.chain_problem_count += 1
+        if len(self.chain_problems) < MAX_PROBLEMS:
+            self.chain_problems.append(Problem(position, what))
+
+    def table_problem(self, position: int | None, what: str) -> None:
+        self.table_problem_count += 1
+        if len(self.table_problems) < MAX_PROBLEMS:
+            self.table_problems.append(Problem(position, what))
+
+    @property
+    def first_bad_position(self) -> int | None:
+        """A broken chain outranks a stale cache: the tables follow from the log."""
+        for problems in (self.chain_problems, self.table_problems):
+            positions = [p.position for p in problems if p.position is not None]
+            if positions:
+                return min(positions)
+        return None
+
+    @property
+    def verified(self) -> bool:
+        return not self.chain_problem_count and not self.table_problem_count
+
+
+def _pages(conn: psycopg.Connection[Any], first: int, last: int | None
+           ) -> Iterator[list[tuple[Any, ...]]]:
+    """Keyset pages of positions first..last in order, the next page fetched on a helper
+    thread while the caller folds this one (the server works while Python does). The
+    connection is the helper's until the generator is closed."""
+    pages: queue.Queue[list[tuple[Any, ...]] | BaseException | None] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    bound = (1 << 62) if last is None else last
+
+    def fetch() -> None:
+        try:
+            with conn.cursor() as cur:
+                after = first - 1
+                while not stop.is_set():
+                    rows = cur.execute(_PAGE, (after, bound, PAGE_SIZE), binary=True).fetchall()
+                    if not rows:
+                        break
+                    pages.put(rows)
+                    after = rows[-1][-1]
+            pages.put(None)
+        except BaseException as exc:  # handed to the consuming thread
+            pages.put(exc)
+
+    fetcher = threading.Thread(target=fetch, name="audit-fetch", daemon=True)
+    fetcher.start()
+    try:
+        while (item := pages.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while fetcher.is_alive():  # unblock a fetcher waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                pages.get(timeout=0.05)
+        fetcher.join()
+
+
+# The C scanner behind json.loads, called directly: loads() adds encoding detection
+# and whitespace handling that canonical bytes never need, and costs 2-3x as much.
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 1,
+                 last: int | None = None, verify: bool, until_ms: int | None = None,
+                 token: str | None = None, progress: Any = None) -> bool:
+    """Fold positions first..last into `result` (which holds the hash before `first`),
+    checking them if asked. Returns False when stopped by `until_ms`.
+
+    Positions must run on without a gap, and each body must name its own position, so a
+    row deleted, moved or swapped shows at its place.
+    """
+    state_apply = result.state.apply
+    history = result.history
+    sha256 = hashlib.sha256
+    scan = _scan
+    expected = first
+    previous = result.last_hash
+    count = 0
+    complete = True
+    for rows in _pages(conn, first, last):
+        for type_, row_token, run, body, stored, row_position in rows:
+            try:
+                doc, end = scan(body.decode(), 0)
+                position = doc["position"]
+            except (ValueError, TypeError, KeyError, StopIteration):
+                position, doc, end = None, {"type": type_, "at": None}, -1
+            if until_ms is not None and doc["at"] is not None and time_ms(doc["at"]) > until_ms:
+                complete = False
+                break
+            if verify:
+                if row_position != expected:
+                    result.chain_problem(expected, f"events {expected} to {row_position - 1}"
+                                         " are missing")
+                    expected = row_position
+                if position != row_position:
+                    result.chain_problem(row_position, f"event {row_position}: its body says "
+                                         f"position {position}: rows were moved")
+                if sha256(previous + body).digest() != stored:
+                    result.chain_problem(row_position, f"event {row_position}: hash does not match "
+                                         "sha256(previous hash || body)")
+                if (doc["type"] != type_ or doc.get("token") != row_token
+                        or doc.get("run") != run or end != len(body)):
+                    result.chain_problem(row_position, f"event {row_position}: the type, token "
+                                         "or run columns disagree with the body")
+            previous = stored
+            expected = row_position + 1
+            count += 1
+            if end > 0:
+                state_apply(type_, doc)
+            if token is not None and row_token == token:
+                history.append(doc)
+        else:
+            if progress is not None:
+                progress.update(len(rows))
+            continue
+        break
+    result.events += count
+    result.last_position, result.last_hash = expected - 1, previous
+    return complete
+
+
+def replay(conn: psycopg.Connection[Any], *, verify: bool, until_ms: int | None = None,
+           token: str | None = None, progress: Any = None) -> Replay:
+    """Fold the whole log (or up to the first event stamped after `until_ms`)."""
+    result = Replay()
+    replay_range(conn, result, verify=verify, until_ms=until_ms, token=token,
+                 progress=progress)
+    return result
+
+
+# --- in parallel: slices of positions folded by worker processes ------------------------
+# Each worker reads its slice in the same snapshot (pg_export_snapshot), checks its part
+# of the chain starting from the stored hash before the slice (the slice before checks
+# that hash), and folds it into a patch (projection.State(patch=True)); the patches are
+# merged in order. Processes, not threads: the work is Python, held by the GIL.
+
+
+@dataclass
+class _Slice:
+    dsn: str
+    snapshot: str
+    first: int
+    last: int
+    verify: bool
+    until_ms: int | None
+    token: str | None
+
+
+def _replay_slice(job: _Slice) -> tuple[Replay, bool]:
+    with connect(job.dsn, application_name="relay-audit-worker") as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(job.snapshot)))
+        result = Replay(state=State(patch=True))
+        if job.first > 1:
+            row = conn.execute("SELECT hash FROM events WHERE position = %s",
+                               (job.first - 1,), binary=True).fetchone()
+            if row is not None:  # else: the previous slice reports the missing row
+                result.last_hash = row[0]
+        complete = replay_range(conn, result, first=job.first, last=job.last,
+                                verify=job.verify, until_ms=job.until_ms, token=job.token)
+        return result, complete
+
+
+def _workers_can_start() -> bool:
+    """Spawned workers re-import the main module: impossible from a script on stdin."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(main, "__spec__", None) is not None or path is None or os.path.exists(path)
+
+
+def replay_parallel(conn: psycopg.Connection[Any], dsn: str, jobs: int, *, verify: bool,
+                    until_ms: int | None = None, token: str | None = None,
+                    progress: Any = None) -> Replay:
+    """`replay` with `jobs` worker processes; `conn` must be in the snapshot to share."""
+    row = conn.execute("SELECT pg_export_snapshot(), (SELECT max(position) FROM events)"
+                       ).fetchone()
+    assert row is not None
+    snapshot, end = row[0], row[1] or 0
+    size = max(MIN_SLICE, -(-end // (jobs * SLICES_PER_JOB)))
+    slices = [_Slice(dsn, snapshot, first, min(first + size - 1, end), verify, until_ms, token)
+              for first in range(1, end + 1, size)]
+    result = Replay()
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for part, complete in pool.imap(_replay_slice, slices):
+            result.state.merge(part.state)
+            for problem in part.chain_problems:
+                result.chain_problem(problem.position, problem.what)
+            result.chain_problem_count += part.chain_problem_count - len(part.chain_problems)
+            result.history += part.history
+            result.events += part.events
+            if part.events:
+                result.last_position, result.last_hash = part.last_position, part.last_hash
+            if progress is not None:
+                progress.update(part.events)
+            if not complete:
+                pool.terminate()
+                break
+    return result
+
+
+def check_head(cur: psycopg.Cursor[Any], result: Replay) -> None:
+    """The last event must be the head: catches a truncated tail (and events past it)."""
+    row = cur.execute("SELECT position, hash FROM log_head").fetchone()
+    if row is None:
+        result.chain_problem(None, "log_head has no row")
+        return
+    head_position, head_hash = row[0], bytes(row[1])
+    if head_position > result.last_position:
+        result.chain_problem(result.last_position + 1,
+                             f"the log ends at {result.last_position} but its head is at "
+                             f"{head_position}: events were removed from the tail")
+    elif head_position < result.last_position:
+        result.chain_problem(head_position + 1,
+                             f"events after the head ({head_position}) up to "
+                             f"{result.last_position} were added behind the Journal's back")
+    elif head_hash != result.last_hash:
+        result.chain_problem(head_position, f"the head's hash differs from event "
+                             f"{head_position}'s")
+
+
+def check_tables(cur: psycopg.Cursor[Any], result: Replay) -> None:
+    """The cache tables must equal the fold; each difference names the last event that
+    decided the row. Consumes the fold's devices (rows are dropped once compared)."""
+    devices = result.state.devices
+    differences: list[tuple[str, Any, str]] = []  # (column to look up, value, problem)
+    columns = ", ".join(projection.DEVICE_COLUMNS)
+    with cur.copy(f"COPY (SELECT token, {columns} FROM devices) TO STDOUT (FORMAT BINARY)") as cp:
+        cp.set_types(DEVICE_COPY_TYPES)
+        for token, *values in cp.rows():
+            expected: DeviceRow | None = devices.pop(token, None)
+            if expected is None:
+                differences.append(("token", token, f"devices has a row for {token} "
+                                    "that the log never made"))
+            elif tuple(values) != expected:
+                differences.append(("token", token, f"devices row for {token} is "
+                                    f"{_named(values)}, the log says {_named(expected)}"))
+    differences += [("token", token, f"devices lacks the row for {token}")
+                    for token in devices]
+    devices.clear()
+    runs = dict(result.state.runs)
+    for number, *values in cur.execute(
+            f"SELECT run, {', '.join(projection.RUN_COLUMNS)} FROM runs").fetchall():
+        expected_run: RunRow | None = runs.pop(number, None)
+        if tuple(values) != expected_run:
+            differences.append(("run", number, f"runs row for run {number} is "
+                                f"{tuple(values)}, the log says {expected_run}"))
+    differences += [("run", number, f"runs lacks the row for run {number}") for number in runs]
+    last = _last_positions(cur, [value for column, value, _ in differences[:MAX_PROBLEMS]
+                                 if column == "token"],
+                           [value for column, value, _ in differences[:MAX_PROBLEMS]
+                            if column == "run"])
+    for column, value, what in differences:
+        result.table_problem(last.get((column, value)), what)
+
+
+def _last_positions(cur: psycopg.Cursor[Any], tokens: list[str],
+                    runs: list[int]) -> dict[tuple[str, Any], int]:
+    """The last event mentioning each token and run: one scan of the log."""
+    if not tokens and not runs:
+        return {}
+    found: dict[tuple[str, Any], int] = {}
+    for token, run, position in cur.execute(
+            "SELECT token, run, max(position) FROM events"
+            " WHERE token = ANY(%s) OR run = ANY(%s) GROUP BY GROUPING SETS ((token), (run))",
+            (tokens, runs)):
+        if token in tokens:
+            found["token", token] = position
+        if run in runs:
+            found["run", run] = position
+    return found
+
+
+def _named(values: Any) -> str:
+    return "{" + ", ".join(f"{c}={v!r}" for c, v in zip(projection.DEVICE_COLUMNS, values,
+                                                         strict=True)) + "}"
+
+
+def _read_only_snapshot(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
+def _event_count(cur: psycopg.Cursor[Any]) -> int:
+    row = cur.execute("SELECT position FROM log_head").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total < PROGRESS_MIN_EVENTS:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ev", unit_scale=True, desc="replaying", file=sys.stderr)
+
+
+# --- the commands ----------------------------------------------------------------------
+
+
+def _parse_time(text: str) -> int:
+    """Epoch ms of `--until`: ISO 8601 (UTC unless an offset is given) or epoch seconds."""
+    try:
+        return round(float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        return parse_iso_ms(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time or epoch seconds, got {text!r}") from None
+
+
+def _audit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay audit",
+        description="Replay the event log from the start and summarise it.")
+    parser.add_argument("--until", metavar="TIME", type=_parse_time,
+                        help="stop at the first event stamped after TIME "
+                             "(ISO 8601, e.g. 2026-11-25T19:00:00Z, or epoch seconds)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--token", metavar="T", help="that token's whole history")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="worker processes replaying slices of the log (default: 1 "
+                             f"below {PARALLEL_MIN_EVENTS:,} events, else the CPU count)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the hash chain, the positions and the cached tables; "
+                             "exit 1 naming the first bad position on any mismatch")
+    return parser
+
+
+def audit_main(dsn: str, argv: list[str]) -> int:
+    parser = _audit_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    token = None
+    if args.token is not None:
+        try:
+            token = normalize_token(args.token)
+        except InvalidToken as exc:
+            print(f"audit: --token: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    with connect(dsn, application_name="relay-audit") as conn:
+        _read_only_snapshot(conn)
+        with conn.cursor() as cur:
+            if token is not None and not args.verify:
+                result = _token_replay(cur, token, args.until)
+            else:
+                total = _event_count(cur)
+                jobs = args.jobs or (1 if total < PARALLEL_MIN_EVENTS else os.cpu_count() or 1)
+                if not _workers_can_start():
+                    jobs = 1
+                progress = _progress(total, sys.stderr.isatty())
+                try:
+                    if jobs > 1:
+                        result = replay_parallel(conn, dsn, jobs, verify=args.verify,
+                                                 until_ms=args.until, token=token,
+                                                 progress=progress)
+                    else:
+                        result = replay(conn, verify=args.verify, until_ms=args.until,
+                                        token=token, progress=progress)
+                finally:
+                    if progress is not None:
+                        progress.close()
+            report = _token_report(token, result) if token is not None else _summary(result)
+            if args.verify:
+                if args.until is None:
+                    check_head(cur, result)
+                    check_tables(cur, result)
+                else:
+                    _check_prefix_against_head(cur, result)
+    if args.verify:
+        report["verified"] = result.verified
+        report["first_bad_position"] = result.first_bad_position
+        report["problems"] = [{"position": p.position, "problem": p.what}
+                              for p in result.chain_problems + result.table_problems]
+        if args.until is not None:
+            report["tables_checked"] = False
+    if args.json:
+        json.dump(report, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        _print_text(report, sys.stdout)
+    return EXIT_MISMATCH if args.verify and not result.verified else EXIT_OK
+
+
+def _check_prefix_against_head(cur: psycopg.Cursor[Any], result: Replay) -> None:
+    """With --until only a prefix is checked; the head must at least not be before it."""
+    row = cur.execute("SELECT position FROM log_head").fetchone()
+    if row is not None and row[0] < result.last_position:
+        result.chain_problem(row[0] + 1, f"events after the head ({row[0]}) were added "
+                             "behind the Journal's back")
+
+
+def _token_replay(cur: psycopg.Cursor[Any], token: str, until_ms: int | None) -> Replay:
+    """One token's events through the index; its state depends on them alone."""
+    result = Replay()
+    for position, body in cur.execute(
+            "SELECT position, body FROM events WHERE token = %s ORDER BY position", (token,),
+            binary=True):
+        doc = json.loads(body)
+        if until_ms is not None and time_ms(doc["at"]) > until_ms:
+            break
+        result.state.apply(doc["type"], doc)
+        result.history.append(doc)
+        result.events += 1
+        result.last_position = position
+    return result
+
+
+def _summary(result: Replay) -> dict[str, Any]:
+    devices = result.state.devices
+    active = sum(1 for row in devices.values() if row[0])
+    unregistered = sum(1 for row in devices.values() if not row[0] and row[2] is not None)
+    return {
+        "events": result.events,
+        "head": result.last_hash.hex() if result.events else None,
+        "last_position": result.last_position,
+        "devices": {"active": active, "unregistered": unregistered},
+        "runs": [_run_json(number, row) for number, row in sorted(result.state.runs.items())],
+    }
+
+
+def _run_json(number: int, row: RunRow) -> dict[str, Any]:
+    started, finished, tokens, delivered, failed, abandoned, unregistered = row
+    return {
+        "run": number,
+        "started_at": None if started is None else iso_ms(started),
+        "finished_at": None if finished is None else iso_ms(finished),
+        "tokens": tokens, "delivered": delivered, "failed": failed, "abandoned": abandoned,
+        "unregistered": unregistered,
+    }
+
+
+def _token_report(token: str, result: Replay) -> dict[str, Any]:
+    row = result.state.devices.get(token)
+    return {"token": token, "active": bool(row and row[0]), "history": result.history}
+
+
+def _print_text(report: dict[str, Any], out: TextIO) -> None:
+    if "history" in report:
+        state = "active" if report["active"] else "not active"
+        out.write(f"token {report['token']}: {state}, {len(report['history'])} events\n")
+        for doc in report["history"]:
+            details = ", ".join(f"{k}={v}" for k, v in doc.items()
+                                if k not in ("position", "type", "at", "token") and v is not None)
+            out.write(f"  {doc['position']:>10}  {doc.get('at', '')}  {doc['type']}"
+                      f"{'  ' + details if details else ''}\n")
+    else:
+        head = report["head"] or "(empty log)"
+        out.write(f"events        {report['events']:,}\n")
+        out.write(f"head          {head}\n")
+        out.write(f"devices       {report['devices']['active']:,} active, "
+                  f"{report['devices']['unregistered']:,} unregistered\n")
+        runs = report["runs"]
+        out.write(f"runs          {len(runs):,}\n")
+        if len(runs) > TEXT_RUNS_SHOWN:
+            out.write(f"  (the latest {TEXT_RUNS_SHOWN}; --json lists all)\n")
+        for run in runs[-TEXT_RUNS_SHOWN:]:
+            out.write(f"  run {run['run']}: {run['started_at'] or '?'} .. "
+                      f"{run['finished_at'] or 'unfinished'}  tokens {run['tokens']}, "
+                      f"delivered {run['delivered']}, failed attempts {run['failed']}, "
+                      f"abandoned {run['abandoned']}, unregistered {run['unregistered']}\n")
+    if "verified" in report:
+        if report["verified"]:
+            scope = ("the hash chain and positions" if report.get("tables_checked") is False
+                     else "the hash chain, positions, head and cached tables")
+            out.write(f"verified      yes: {scope} match the log\n")
+        else:
+            out.write(f"verified      NO: first bad position {report['first_bad_position']}\n")
+            for problem in report["problems"]:
+                out.write(f"  - {problem['problem']}\n")
+
+
+def rebuild_main(dsn: str, argv: list[str] | None = None) -> int:
+    """Rewrite the cache tables from the log, in one transaction."""
+    parser = argparse.ArgumentParser(
+        prog="python -m relay rebuild",
+        description="Rebuild the cached tables (devices, runs) from the event log.")
+    try:
+        parser.parse_args(argv or [])
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    with connect(dsn, application_name="relay-rebuild") as conn, conn.cursor() as cur:
+        # The head lock keeps the Journal out until COMMIT, so no append is missed.
+        cur.execute("SELECT position FROM log_head FOR UPDATE")
+        progress = _progress(_event_count(cur), sys.stderr.isatty())
+        try:
+            result = replay(conn, verify=False, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        write_tables(cur, result.state)
+        conn.commit()
+    print(f"rebuilt devices ({len(result.state.devices):,} rows) and runs "
+          f"({len(result.state.runs):,} rows) from {result.events:,} events")
+    return EXIT_OK
+
+
+DEVICE_COPY_TYPES = ["text", "bool", "int8", "int8", "text", "int8", "int4", "int8", "text",
+                     "text"]
+
+
+def write_tables(cur: psycopg.Cursor[Any], state: State) -> None:
+    """Replace the cache tables' contents with `state`."""
+    cur.execute("TRUNCATE devices, runs")
+    columns = ", ".join(projection.DEVICE_COLUMNS)
+    with cur.copy(f"COPY devices (token, {columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(DEVICE_COPY_TYPES)
+        for token, row in state.devices.items():
+            copy.write_row((token, *row))
+    projection.write_runs(cur, state.runs.items())

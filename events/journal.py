@@ -1,0 +1,326 @@
+"""The Journal: the one writer of the event log, with group commit.
+
+Every component appends through `Journal.append`, which never blocks: the events
+are encoded in the caller's thread and queued. One writer thread takes whatever is
+queued (up to `max_batch` events, waiting at most `max_delay` after the oldest
+request for more to arrive) and writes it in ONE transaction:
+
+    lock the head row (FOR UPDATE)  -> positions head+1.. and the previous hash
+    COPY the events (binary)        -> the insert trigger moves the head and checks
+                                       the batch is contiguous and chained
+    fold the batch onto the cache tables (events/projection.py), set-based
+    record the batch id             -> journal_batches
+    COMMIT                          -> then, and only then, resolve the futures
+
+One commit per batch instead of per event is what makes the log fast (the fsync is
+shared); appenders that arrive while a transaction runs form the next batch.
+
+Database failures: the writer marks the database unavailable, retries the same
+batch with decorrelated jitter between RETRY_MIN and RETRY_MAX seconds until it
+commits, and only then takes the next batch, so order is kept. A connection lost
+during COMMIT leaves us not knowing whether the batch committed. Each batch carries
+a random id written in its own transaction; a retry first locks the head and then
+looks the id up. Holding the head lock means the earlier attempt has finished one
+way or the other (it held that lock until its end), so the lookup is definitive:
+found, the batch is in the log at the recorded positions and is not written again;
+absent, it never committed and is written now. No event is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from events import codec, projection
+from events.types import Event
+from relay import metrics
+from relay.database import connect
+
+log = logging.getLogger(__name__)
+
+# Database retry policy (as the original relay): decorrelated jitter, 400 ms to 30 s.
+RETRY_MIN = 0.4
+RETRY_MAX = 30.0
+# Errors worth retrying: the connection or the server, not the statement, failed.
+# SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock),
+# 53 insufficient resources, 57 operator intervention (shutdown, terminated), 58 I/O.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# An orphaned transaction of ours (client gone, server unaware) would hold the head
+# lock and stall every writer; the server ends such a session after this long.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+# Detect a dead TCP peer within about 25 s instead of the kernel's 2 h.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3}
+# journal_batches only matters for a retry in flight; prune rows older than this,
+# once every PRUNE_EVERY batches.
+BATCH_RETENTION = "7 days"
+PRUNE_EVERY = 1000
+
+_COPY_EVENTS = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
+_ROW_HEADER = codec.copy_row_header(6)
+
+
+class JournalStopped(RuntimeError):
+    """The Journal stopped before these events could be committed; they are not in the log."""
+
+
+class JournalError(RuntimeError):
+    """The database refused the batch for a reason retrying cannot cure (a bug, or tampering)."""
+
+
+@dataclass
+class _Encoded:
+    type: str
+    data: Any
+    prefix: bytes  # canonical bytes before the position's digits
+    suffix: bytes  # and after them
+    columns: bytes  # the type, token and run fields of its COPY row
+
+
+@dataclass
+class _Request:
+    events: list[_Encoded]
+    future: Future[list[int]]
+    enqueued: float
+
+
+def _is_transient(exc: psycopg.Error) -> bool:
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    state = exc.sqlstate or ""
+    return state[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+class Journal:
+    """The one writer of the event log (see the module docstring for the protocol)."""
+
+    def __init__(self, dsn: str, *, max_batch: int = 1000, max_delay: float = 0.005) -> None:
+        self._dsn = dsn
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stop_deadline = float("inf")
+        self._available = True
+        self._conn: psycopg.Connection[Any] | None = None
+        self._batches = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the Journal is already started")
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self._thread.start()
+
+    def append(self, events: Sequence[Event]) -> Future[list[int]]:
+        """Queue events; the future resolves with their positions after COMMIT.
+
+        The events of one call are committed together, in order, in one transaction.
+        A malformed event fails the future with `codec.EventEncodingError` at once.
+        Future callbacks run on the writer thread: keep them short (e.g. tell an actor).
+        """
+        future: Future[list[int]] = Future()
+        try:
+            encoded = [self._encode(event) for event in events]
+        except codec.EventEncodingError as exc:
+            future.set_exception(exc)
+            return future
+        if not encoded:
+            future.set_result([])
+            return future
+        with self._cond:
+            if self._stopping or self._thread is None:
+                future.set_exception(JournalStopped("the Journal is not running"))
+                return future
+            self._queue.append(_Request(encoded, future, time.monotonic()))
+            self._cond.notify()
+        return future
+
+    @property
+    def database_available(self) -> bool:
+        """False while the last attempt to write failed."""
+        return self._available
+
+    def stop(self, timeout: float) -> None:
+        """Flush what is queued (retrying for at most `timeout` s), then stop the writer."""
+        with self._cond:
+            self._stopping = True
+            self._stop_deadline = time.monotonic() + timeout
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout + 1.0)
+            if self._thread.is_alive():
+                log.error("the Journal's writer did not stop within %.1f s", timeout)
+        with self._cond:
+            abandoned, self._queue = list(self._queue), deque()
+        self._fail(abandoned, JournalStopped("the Journal stopped before these events "
+                                             "were committed"))
+
+    # --- the writer thread ------------------------------------------------------------
+
+    @staticmethod
+    def _encode(event: Event) -> _Encoded:
+        codec.check_event(event)
+        prefix, suffix = codec.template(event.type, event.data)
+        columns = (codec.copy_text(event.type) + codec.copy_text(event.data.get("token"))
+                   + codec.copy_int8(event.data.get("run")))
+        return _Encoded(event.type, event.data, prefix, suffix, columns)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._take_batch()
+                if not batch:
+                    return
+                self._commit(batch)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    def _take_batch(self) -> list[_Request]:
+        """Block for the first request, then gather more until full or max_delay passed."""
+        batch: list[_Request] = []
+        count = 0
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return batch
+            deadline = self._queue[0].enqueued + self._max_delay
+            while True:
+                while self._queue and count < self._max_batch:
+                    request = self._queue.popleft()
+                    if request.future.set_running_or_notify_cancel():  # else: cancelled
+                        batch.append(request)
+                        count += len(request.events)
+                remaining = deadline - time.monotonic()
+                if count >= self._max_batch or self._stopping or remaining <= 0:
+                    return batch
+                self._cond.wait(remaining)
+
+    def _commit(self, batch: list[_Request]) -> None:
+        batch_id = uuid.uuid4()
+        delay = RETRY_MIN
+        retrying = False
+        while True:
+            try:
+                positions = self._write(batch, batch_id, retrying)
+            except psycopg.Error as exc:
+                self._discard_connection()
+                if not _is_transient(exc):
+                    log.error("the database refused a batch of %d events: %s",
+                              sum(len(r.events) for r in batch), exc)
+                    self._fail(batch, JournalError(f"the database refused the events: {exc}"))
+                    return
+                self._set_available(False)
+                delay = min(RETRY_MAX, random.uniform(RETRY_MIN, delay * 3))
+                log.warning("event log write failed (%s); retrying in %.2f s",
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else
+                            type(exc).__name__, delay)
+                if not self._pause(delay):
+                    self._fail(batch, JournalStopped("the database was unavailable until "
+                                                     "the Journal stopped"))
+                    return
+                retrying = True
+                continue
+            self._set_available(True)
+            self._resolve(batch, positions)
+            return
+
+    def _write(self, batch: list[_Request], batch_id: uuid.UUID, retrying: bool) -> int:
+        """One attempt; returns the position of the batch's first event."""
+        if self._conn is None:
+            self._conn = connect(
+                self._dsn, application_name="relay-journal", **KEEPALIVES,
+                options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+            )
+            projection.prepare(self._conn)
+        conn = self._conn
+        with conn.cursor() as cur:
+            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+            assert row is not None, "log_head has exactly one row (schema/001_event_log.sql)"
+            head: int = row[0]
+            previous: bytes = row[1]
+            if retrying:
+                # The head lock is ours, so an earlier attempt of this batch is over:
+                # committed (then recorded here) or rolled back.
+                found = cur.execute("SELECT first_position FROM journal_batches WHERE batch = %s",
+                                    (batch_id,)).fetchone()
+                if found is not None:
+                    conn.rollback()
+                    log.info("batch %s had committed before the connection was lost", batch_id)
+                    return int(found[0])
+            first = head + 1
+            position = head
+            rows = [codec.COPY_SIGNATURE]
+            sha256, int8, field = codec.chain_hash, codec.copy_int8, codec.copy_bytes
+            for request in batch:
+                for event in request.events:
+                    position += 1
+                    body = b"%s%d%s" % (event.prefix, position, event.suffix)
+                    previous = sha256(previous, body)
+                    rows += (_ROW_HEADER, int8(position), event.columns, field(body),
+                             field(previous))
+            rows.append(codec.COPY_TRAILER)
+            with cur.copy(_COPY_EVENTS) as copy:
+                copy.write(b"".join(rows))
+            projection.apply_batch(cur, [(e.type, e.data) for r in batch for e in r.events])
+            cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
+                        " VALUES (%s, %s, %s)", (batch_id, first, position))
+            self._batches += 1
+            if self._batches % PRUNE_EVERY == 0:
+                cur.execute("DELETE FROM journal_batches WHERE committed_at < now() - %s::interval",
+                            (BATCH_RETENTION,))
+        conn.commit()
+        return first
+
+    def _pause(self, delay: float) -> bool:
+        """Sleep before a retry; False when stop()'s deadline comes first."""
+        end = time.monotonic() + delay
+        with self._cond:
+            while (now := time.monotonic()) < min(end, self._stop_deadline):
+                self._cond.wait(min(end, self._stop_deadline) - now)
+            return now < self._stop_deadline
+
+    def _discard_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _set_available(self, available: bool) -> None:
+        if available != self._available:
+            log.log(logging.INFO if available else logging.ERROR,
+                    "event log database %s", "available again" if available else "unavailable")
+        self._available = available
+        metrics.DATABASE_UP.set(1 if available else 0)
+
+    @staticmethod
+    def _resolve(batch: list[_Request], first: int) -> None:
+        now = time.monotonic()
+        metrics.APPEND_BATCH_SIZE.observe(sum(len(r.events) for r in batch))
+        position = first
+        for request in batch:
+            count = len(request.events)
+            metrics.APPEND_LATENCY.observe(now - request.enqueued)
+            request.future.set_result(list(range(position, position + count)))
+            position += count
+
+    @staticmethod
+    def _fail(batch: list[_Request], error: Exception) -> None:
+        for request in batch:
+            future = request.future
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(error)

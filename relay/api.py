@@ -1,0 +1,563 @@
+"""The device API: aiohttp on its own thread and event loop.
+
+Endpoints (documented in `relay/openapi.json`, served at `GET /openapi.json`):
+
+- `POST /devices` `{"token": "<hex>"}` → 200 `{"token": ..., "active": true}`
+- `DELETE /devices/<token>` → 200 `{"token": ..., "active": false}`
+
+  Both are idempotent and answer 200 (not 201/204): a repeat is the same state,
+  and the registry does not tell whether the token was new. They answer only
+  after the registry's future resolved, i.e. after the event's COMMIT. While the
+  database is unreachable, or the commit does not come within a short bound,
+  the answer is 503 with `Retry-After`, never 2xx.
+- `GET /config`, `GET /health` (200 healthy, 503 not), `GET /metrics`
+  (Prometheus text; only on `http.metrics_listen` when that is set),
+  `GET /openapi.json`.
+
+Every error answer, whatever produced it (our handlers, aiohttp's router, its
+HTTP parser, the connection limit), has a JSON body `{"code": ..., "hint": ...}`.
+
+Abuse: at most `http.max_connections` open connections per listener (more are
+answered 503 and closed); a request's head must arrive within
+`http.request_timeout` of the connection opening (or of the previous answer),
+and its body within `http.request_timeout` of the head (else 408, closed);
+bodies are read up to `http.max_body` and no further (413). `POST`/`DELETE
+/devices` are rate limited per client (`relay.ratelimit`). With
+`http.client_ip_header` set, the client is the *last* address in that header:
+the one our trusted proxy appended (earlier ones are whatever the client sent).
+
+The registration counters (`relay_registrations_total`,
+`relay_unregistrations_total{cause="api"}`) are kept by the Registry, which
+alone knows whether a request changed anything; the API only serves them.
+
+Tokens never appear in full in logs: the access log (logger `relay.api.access`,
+DEBUG) and every message here redact them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import socket
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import Any, NoReturn, Protocol
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay import NAME, __version__
+from relay.config import Config
+from relay.metrics import REGISTRY
+from relay.ratelimit import RateLimiter
+from relay.tokens import InvalidToken, normalize_token, redact
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("relay.api.access")
+
+# --- policy --------------------------------------------------------------------------
+# The longest we hold a device request waiting for its COMMIT (also capped by
+# http.request_timeout). The Journal retries a lost database for up to 30 s per
+# attempt; a client is better served by a prompt 503 and its own retry.
+COMMIT_WAIT_CAP = 5.0
+# What we suggest to clients when the database is unavailable or we are full.
+RETRY_AFTER_UNAVAILABLE = 5
+RETRY_AFTER_OVERLOADED = 1
+# After an answer, how long we keep draining an unread request body so the
+# connection can be reused (e.g. after a 413), before closing it instead.
+LINGER_CAP = 1.0
+# In-flight requests get this long to finish at stop() before connections are cut.
+SHUTDOWN_GRACE = 5.0
+LISTEN_BACKLOG = 511
+# A client key from a proxy header is an address; longer values are cut so a
+# misbehaving proxy cannot make the rate limiter hold kilobytes per client.
+CLIENT_KEY_MAX = 64
+JSON_TYPE = "application/json"
+DEVICE_FIELDS = frozenset({"token"})
+START_TIMEOUT = 30.0
+
+
+class DeviceRegistry(Protocol):
+    """What the API needs from the Registry (`actors.registry.RegistryHandle`)."""
+
+    def register(self, token: str) -> concurrent.futures.Future[None]: ...
+
+    def unregister(self, token: str) -> concurrent.futures.Future[None]: ...
+
+
+class HealthSource(Protocol):
+    def database_available(self) -> bool: ...
+
+    def worker_alive(self) -> bool: ...
+
+
+# --- error answers --------------------------------------------------------------------
+
+# Codes for answers aiohttp produces itself; anything else gets `http_<status>`.
+_CODES = {
+    400: ("bad_request", "the request is not valid HTTP/1.1"),
+    404: ("not_found", "no such path; the API is described at GET /openapi.json"),
+    405: ("method_not_allowed", "method not allowed here; the Allow header lists those that are"),
+    408: ("request_timeout", "the request did not arrive in time"),
+    413: ("body_too_large", "the request body is too large"),
+    414: ("uri_too_long", "the request line is too long"),
+    431: ("headers_too_large", "the request headers are too large"),
+    500: ("internal_error", "the relay failed to handle this request; it has been logged"),
+}
+
+
+def error_response(status: int, code: str, hint: str,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"code": code, "hint": hint}, status=status, headers=headers)
+
+
+class ApiError(Exception):
+    """An error answer decided by a handler; the middleware turns it into JSON."""
+
+    def __init__(self, status: int, code: str, hint: str, *,
+                 retry_after: int | None = None, close: bool = False) -> None:
+        super().__init__(hint)
+        self.status, self.code, self.hint = status, code, hint
+        self.retry_after, self.close = retry_after, close
+
+    def response(self) -> web.Response:
+        headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        response = error_response(self.status, self.code, self.hint, headers)
+        if self.close:
+            response.force_close()
+        return response
+
+
+def _default_error(status: int) -> tuple[str, str]:
+    return _CODES.get(status, (f"http_{status}", f"HTTP {status}"))
+
+
+def _redacted_path(path: str) -> str:
+    prefix = "/devices/"
+    return prefix + redact(path[len(prefix):]) if path.startswith(prefix) else path
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as `{"code", "hint"}` JSON, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, hint = _default_error(exc.status)
+        allow = exc.headers.get(hdrs.ALLOW)
+        headers = None if allow is None else {"Allow": allow}
+        if allow is not None:
+            hint = f"{request.method[:16]} is not allowed here; allowed: {allow}"
+        return error_response(exc.status, code, hint, headers)
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, _redacted_path(request.path))
+        return error_response(500, *_default_error(500))
+
+
+# --- connections ----------------------------------------------------------------------
+
+
+class _AccessLog(AbstractAccessLogger):
+    """aiohttp's default access log would write `DELETE /devices/<full token>`."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.debug("%s %s %s %d %.1fms", request.remote, request.method,
+                          _redacted_path(request.path), response.status, time * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's per-connection protocol, with JSON errors from its parser too."""
+
+    def __init__(self, manager: web.Server, *, on_lost: Callable[[_Handler], None],
+                 **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._on_lost = on_lost
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._on_lost(self)
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # The exception text may quote the request line, i.e. a token: log its type only.
+        log.debug("HTTP %d before routing from %s (%s)", status, request.remote,
+                  type(exc).__name__ if exc else "no exception")
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer is already on the wire")
+        response = error_response(status, *_default_error(status))
+        response.force_close()
+        return response
+
+
+_OVERLOADED_BODY = json.dumps({
+    "code": "overloaded",
+    "hint": "too many open connections; retry shortly",
+}).encode()
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Retry-After: " + str(RETRY_AFTER_OVERLOADED).encode() + b"\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_OVERLOADED_BODY)).encode() + b"\r\n\r\n" + _OVERLOADED_BODY
+)
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection over the limit: a fixed 503 (no parsing), then close.
+
+    We half-close and wait briefly for the client's end rather than closing at
+    once, because closing with the client's request unread makes the kernel send
+    a reset that can destroy the 503 before the client reads it.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_OVERLOADED)
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(RETRY_AFTER_OVERLOADED, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Ignored: the answer does not depend on it."""
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP listener that caps open connections and uses `_Handler`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 max_connections: int, handler_options: dict[str, Any]) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self._host, self._port = host, port
+        self._max_connections = max_connections
+        self._handler_options = handler_options
+        # Handlers created and not yet disconnected. Weak, so a protocol whose
+        # connection never got made (accept failed) cannot leak a slot.
+        self._open: weakref.WeakSet[_Handler] = weakref.WeakSet()
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        sockets: tuple[socket.socket, ...] = getattr(self._server, "sockets", ())
+        name = sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        if len(self._open) >= self._max_connections:
+            return _Refusal()
+        manager = self._runner.server
+        assert manager is not None
+        handler = _Handler(manager, on_lost=self._open.discard, **self._handler_options)
+        self._open.add(handler)
+        return handler
+
+
+# --- the application ------------------------------------------------------------------
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ApiError(400, "invalid_body", "duplicate field in a JSON object")
+    return dict(pairs)
+
+
+def _field_list(names: set[str]) -> str:
+    shown = sorted(names)[:3]
+    return ", ".join(json.dumps(name[:32]) for name in shown) + (", …" if len(names) > 3 else "")
+
+
+class _Api:
+    """The request handlers; all run on the API's event loop thread."""
+
+    def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource,
+                 openapi: bytes) -> None:
+        self._config, self._registry, self._health = config, registry, health
+        self._http = config.http
+        self._openapi = openapi
+        self._limiter = RateLimiter(self._http.rate_limit, self._http.rate_burst)
+        self._commit_wait = min(self._http.request_timeout, COMMIT_WAIT_CAP)
+
+    def public_app(self) -> web.Application:
+        app = self._new_app()
+        app.router.add_post("/devices", self.register)
+        app.router.add_delete("/devices/{token}", self.unregister)
+        app.router.add_get("/config", self.config, allow_head=False)
+        app.router.add_get("/health", self.health, allow_head=False)
+        app.router.add_get("/openapi.json", self.openapi, allow_head=False)
+        if self._http.metrics_listen is None:
+            app.router.add_get("/metrics", self.metrics, allow_head=False)
+        return app
+
+    def metrics_app(self) -> web.Application:
+        app = self._new_app()
+        app.router.add_get("/metrics", self.metrics, allow_head=False)
+        return app
+
+    def _new_app(self) -> web.Application:
+        return web.Application(middlewares=[_json_errors], client_max_size=self._http.max_body)
+
+    # --- device endpoints ---
+
+    async def register(self, request: web.Request) -> web.Response:
+        self._rate_limit(request)
+        token = await self._token_from_body(request)
+        await self._committed(self._registry.register, token)
+        log.debug("registered %s", redact(token))
+        return web.json_response({"token": token, "active": True})
+
+    async def unregister(self, request: web.Request) -> web.Response:
+        self._rate_limit(request)
+        token = self._valid_token(request.match_info["token"])
+        await self._committed(self._registry.unregister, token)
+        log.debug("unregistered %s", redact(token))
+        return web.json_response({"token": token, "active": False})
+
+    def _rate_limit(self, request: web.Request) -> None:
+        wait = self._limiter.acquire(self._client(request))
+        if wait > 0:
+            raise ApiError(429, "rate_limited",
+                           f"at most {self._http.rate_limit:g} device requests per second "
+                           f"(burst {self._http.rate_burst}) per client",
+                           retry_after=max(1, math.ceil(wait)))
+
+    def _client(self, request: web.Request) -> str:
+        header = self._http.client_ip_header
+        if header:
+            values = request.headers.getall(header, [])
+            if values:
+                last_hop = values[-1].rsplit(",", 1)[-1].strip()
+                if last_hop:
+                    return last_hop[:CLIENT_KEY_MAX]
+        return request.remote or "unknown"
+
+    async def _token_from_body(self, request: web.Request) -> str:
+        if request.content_type != JSON_TYPE:
+            raise ApiError(415, "unsupported_media_type",
+                           f"send the body as {JSON_TYPE}, e.g. {{\"token\": \"<hex>\"}}")
+        body = await self._read_body(request)
+        try:
+            document = json.loads(body, object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "malformed_json", "the body is not valid UTF-8 JSON") from None
+        if not isinstance(document, dict):
+            raise ApiError(400, "invalid_body", "the body must be a JSON object "
+                           "with one field, token")
+        if "token" not in document:
+            raise ApiError(400, "invalid_body", "missing field: token")
+        extra = set(document) - DEVICE_FIELDS
+        if extra:
+            raise ApiError(400, "invalid_body", f"unexpected field(s): {_field_list(extra)}; "
+                           "the only field is token")
+        return self._valid_token(document["token"])
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, refused as soon as it exceeds http.max_body (never buffered beyond)."""
+        limit = self._http.max_body
+        too_large = ApiError(413, "body_too_large", f"the body is limited to {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            while chunk := await request.content.read(limit + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+
+        try:
+            await asyncio.wait_for(read(), self._http.request_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "request_timeout",
+                           f"the body did not arrive within {self._http.request_timeout:g}s",
+                           close=True) from None
+        return b"".join(chunks)
+
+    @staticmethod
+    def _valid_token(value: object) -> str:
+        try:
+            return normalize_token(value)
+        except InvalidToken as exc:
+            raise ApiError(400, "invalid_token", str(exc)) from None
+
+    async def _committed(self, action: Callable[[str], concurrent.futures.Future[None]],
+                         token: str) -> None:
+        """Hand the token to the registry and wait for the COMMIT, boundedly."""
+        if not self._health.database_available():
+            self._unavailable("database_unavailable", "the event log's database is unreachable")
+        try:
+            future = asyncio.wrap_future(action(token))
+        except Exception:
+            log.exception("registry refused %s", redact(token))
+            self._unavailable("registry_unavailable", "the registry is not running")
+        try:
+            # shield: a timeout here must not cancel the registry's own future.
+            await asyncio.wait_for(asyncio.shield(future), self._commit_wait)
+        except asyncio.TimeoutError:
+            log.warning("no commit within %gs for %s", self._commit_wait, redact(token))
+            self._unavailable("commit_timeout",
+                              f"not committed within {self._commit_wait:g}s; retry")
+        except Exception:
+            log.exception("registry failed on %s", redact(token))
+            self._unavailable("registry_unavailable", "the registry failed to record this")
+
+    @staticmethod
+    def _unavailable(code: str, hint: str) -> NoReturn:
+        raise ApiError(503, code, hint, retry_after=RETRY_AFTER_UNAVAILABLE)
+
+    # --- operator endpoints ---
+
+    async def config(self, request: web.Request) -> web.Response:
+        apns = self._config.apns
+        return web.json_response({"name": NAME, "version": __version__,
+                                  "topic": apns.topic, "environment": apns.environment})
+
+    async def health(self, request: web.Request) -> web.Response:
+        database, worker = self._health.database_available(), self._health.worker_alive()
+        if database and worker:
+            return web.json_response({"status": "ok", "database": True, "worker": True})
+        problems = [p for p, ok in (("database unreachable", database),
+                                    ("wakeup worker not running", worker)) if not ok]
+        return web.json_response(
+            {"code": "unhealthy", "hint": "; ".join(problems), "status": "unhealthy",
+             "database": database, "worker": worker},
+            status=503, headers={hdrs.RETRY_AFTER: str(RETRY_AFTER_UNAVAILABLE)},
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY),
+                            headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type=JSON_TYPE)
+
+
+def openapi_document() -> bytes:
+    """The OpenAPI 3 description shipped as package data."""
+    return resources.files("relay").joinpath("openapi.json").read_bytes()
+
+
+class ApiServer:
+    """The API's listeners on a thread of their own, so no actor ever waits on a socket."""
+
+    def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource) -> None:
+        self._config = config
+        self._api = _Api(config, registry, health, openapi_document())
+        self.bound_address: tuple[str, int] = config.http.listen
+        self.metrics_address: tuple[str, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._routes: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def routes(self) -> frozenset[tuple[str, str]]:
+        """(method, path) of every route served, on any listener: kept equal to the OpenAPI doc."""
+        return self._routes
+
+    def start(self) -> None:
+        """Bind and serve; raises (e.g. `OSError`) if a listener cannot be bound."""
+        if self._thread is not None:
+            raise RuntimeError("ApiServer already started")
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(started,),
+                                        name="relay-api", daemon=True)
+        self._thread.start()
+        try:
+            started.result(timeout=START_TIMEOUT)
+        except BaseException:
+            self._thread.join(timeout=SHUTDOWN_GRACE)
+            raise
+        log.info("device API listening on http://%s:%d", *self.bound_address)
+        if self.metrics_address is not None:
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+
+    def stop(self) -> None:
+        """Stop listening, let in-flight requests finish (briefly), close connections."""
+        loop, stopping, thread = self._loop, self._stopping, self._thread
+        if loop is None or stopping is None or thread is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already ended
+            loop.call_soon_threadsafe(stopping.set)
+        thread.join(timeout=SHUTDOWN_GRACE + 5)
+
+    def _run(self, started: concurrent.futures.Future[None]) -> None:
+        asyncio.run(self._serve(started))
+
+    async def _serve(self, started: concurrent.futures.Future[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        http = self._config.http
+        handler_options: dict[str, Any] = {
+            "loop": self._loop,
+            # Covers the wait for a request head, from the connection's opening or
+            # the previous answer: slow or silent clients are cut off.
+            "keepalive_timeout": http.request_timeout,
+            "lingering_time": min(http.request_timeout, LINGER_CAP),
+            "access_log_class": _AccessLog,
+            "access_log": access_log,
+        }
+        runners: list[web.AppRunner] = []
+        try:
+            apps = [(self._api.public_app(), http.listen)]
+            if http.metrics_listen is not None:
+                apps.append((self._api.metrics_app(), http.metrics_listen))
+            addresses = []
+            for app, (host, port) in apps:
+                runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+                runners.append(runner)
+                await runner.setup()
+                site = _GuardedSite(runner, host, port, max_connections=http.max_connections,
+                                    handler_options=handler_options)
+                await site.start()
+                addresses.append(site.address)
+            self._routes = frozenset(
+                (route.method, route.resource.canonical)
+                for app, _ in apps for route in app.router.routes() if route.resource is not None
+            )
+            self.bound_address = addresses[0]
+            self.metrics_address = addresses[1] if len(addresses) > 1 else None
+        except BaseException as exc:
+            for runner in reversed(runners):
+                await runner.cleanup()
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        await self._stopping.wait()
+        for runner in reversed(runners):
+            await runner.cleanup()

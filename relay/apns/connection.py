@@ -1,0 +1,553 @@
+"""One HTTP/2 connection to APNs: h2's state machine driven by an asyncio protocol.
+
+The connection knows streams, not policy: it opens a stream per request while
+the pool says there is room, reports every answer, loss or refusal to its
+owner (the client), and never decides what an answer means. What it guarantees:
+
+- no stream is opened before the server's SETTINGS arrived, and never more than
+  the server's SETTINGS_MAX_CONCURRENT_STREAMS are open; under token auth only
+  one until the first 200 on this connection (Apple's rule, reference §6);
+- flow control is respected for request bodies;
+- after GOAWAY no stream is opened, streams above `last_stream_id` go back to the
+  owner to be re-sent elsewhere, and answers for the others are still read.
+  h2 closes its state machine when it sees GOAWAY and would reject every later
+  frame, losing those answers, so incoming bytes are split at the end of the
+  GOAWAY frame and the rest is parsed here (`_receive_after_goaway`) with h2's
+  own frame buffer and HPACK decoder;
+- a connection that stays silent while a PING is outstanding is declared dead,
+  so requests never wait on a socket that silently died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error
+from h2.frame_buffer import FrameBuffer
+from h2.settings import SettingCodes
+from hpack import Encoder
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
+
+log = logging.getLogger("relay.apns")
+
+# Never keep more streams open on one connection than this, whatever the server allows.
+# h2 counts open streams by walking all of them on every new stream, so its cost grows with
+# the window; ~100 already saturates a core at local round-trip times, and Apple's own
+# observed limits (500-1500) only matter across long round trips, which more
+# `apns.connections` serve better.
+STREAM_CAP = 128
+
+# How often h2 may walk its streams to forget closed ones (see `_H2Connection`).
+STREAM_CULL_INTERVAL = 256
+
+_GOAWAY = 0x7
+_FRAME_HEADER = 9
+_PING_PAYLOAD = b"relay\x00\x00\x00"
+
+Header = tuple[bytes, bytes]
+
+
+class PendingRequest:
+    """One notification on its way: queued, in flight, or done."""
+
+    __slots__ = (
+        "apns_id",
+        "conn",
+        "deadline",
+        "done",
+        "future",
+        "jwt",
+        "jwt_retried",
+        "started",
+        "stream_id",
+        "token",
+    )
+
+    def __init__(self, token: str, apns_id: str, future: Any, started: float, deadline: float):
+        self.token, self.apns_id, self.future = token, apns_id, future
+        self.started, self.deadline = started, deadline
+        self.done = False
+        self.conn: Http2Connection | None = None  # set while a stream carries it
+        self.stream_id = 0
+        self.jwt: str | None = None  # the provider token this attempt was sent with
+        self.jwt_retried = False  # ExpiredProviderToken: one renewal per request
+
+
+class ConnectionOwner(Protocol):
+    """The pool's side of the conversation (see `relay.apns.client`)."""
+
+    def headers_for(self, request: PendingRequest) -> list[Header]: ...
+    def answered(self, conn: Http2Connection, request: PendingRequest, status: int,
+                 body: bytes) -> None: ...
+    def requeue(self, requests: list[PendingRequest]) -> None: ...
+    def lost(self, requests: list[PendingRequest], reason: str) -> None: ...
+    def capacity_changed(self, conn: Http2Connection) -> None: ...
+    def draining(self, conn: Http2Connection) -> None: ...
+    def closed(self, conn: Http2Connection) -> None: ...
+
+
+class _Stream:
+    __slots__ = ("body", "request", "status", "unsent")
+
+    def __init__(self, request: PendingRequest, unsent: bytes) -> None:
+        self.request = request
+        self.status = 0
+        self.body = b""
+        self.unsent = unsent  # request body still held back by flow control
+
+
+class _ApnsEncoder(Encoder):  # type: ignore[misc]
+    """HPACK tuned for APNs requests, where header encoding was the largest CPU cost.
+
+    - No Huffman coding: the values are unique per request (path, apns-id, expiration) or
+      never indexed (the provider token), so Huffman would be paid on every request by us
+      and by the server, for ~50 bytes saved.
+    - The constant headers (topic, push type, priority, authority) are full matches in the
+      dynamic table from the second request on; their encoding, an index, is remembered
+      until the table changes (any insertion puts a new object at its front).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._indexed: dict[tuple[bytes, bytes], bytes] = {}
+        self._table: tuple[int, object] = (0, None)
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return bytes(super().encode(headers, huffman=False))
+
+    def add(self, to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
+        if sensitive:  # a never-indexed literal leaves the table alone
+            return bytes(super().add(to_add, sensitive, huffman))
+        if not self._table_unchanged():
+            self._indexed.clear()
+            entries = self.header_table.dynamic_entries
+            self._table = (len(entries), entries[0] if entries else None)
+        encoded = self._indexed.get(to_add)
+        if encoded is None:
+            encoded = bytes(super().add(to_add, sensitive, huffman))
+            if self._table_unchanged():
+                self._indexed[to_add] = encoded  # no insertion: it was encoded as an index
+        return encoded
+
+    def _table_unchanged(self) -> bool:
+        entries = self.header_table.dynamic_entries
+        newest = entries[0] if entries else None
+        return len(entries) == self._table[0] and newest is self._table[1]
+
+
+class _H2Connection(H2Connection):  # type: ignore[misc]
+    """h2 counts open streams by walking all of them for every new stream (O(n) per
+    request). The connection already knows how many it has in flight; h2's walk, which
+    also forgets closed streams, runs only every STREAM_CULL_INTERVAL streams."""
+
+    in_flight = 0
+    _opened = 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._opened += 1
+        if self._opened % STREAM_CULL_INTERVAL == 0:
+            return int(super().open_outbound_streams)
+        return self.in_flight
+
+
+class Http2Connection(asyncio.Protocol):
+    """An APNs connection; all methods run on the client's event-loop thread."""
+
+    def __init__(self, owner: ConnectionOwner, *, token_auth: bool, idle_ping: float,
+                 ping_timeout: float, body: bytes, label: str) -> None:
+        self._owner = owner
+        self._token_auth = token_auth
+        self._idle_ping, self._ping_timeout = idle_ping, ping_timeout
+        self._body = body
+        self.label = label
+        config = H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            # We build every header ourselves (lower-case, never-indexed where it matters),
+            # so h2's per-request re-validation would only burn CPU.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            # Only :status and the JSON body are read from answers.
+            validate_inbound_headers=False,
+        )
+        self._h2 = _H2Connection(config=config)
+        self._h2.encoder = _ApnsEncoder()
+        self._h2.local_settings.enable_push = 0
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self._streams: dict[int, _Stream] = {}
+        self._server_limit = 0  # 0 until the server's SETTINGS arrived
+        self.confirmed = not token_auth  # a 200 lifts token auth's limit of one stream
+        self.answered_any = False
+        self.closed = False
+        self.goaway_last: int | None = None
+        self._last_activity = self._loop.time()
+        self._ping_deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._scan_skip = 0  # bytes of the current frame not yet seen
+        self._scan_carry = b""  # a frame header split across reads
+        self._scan_in_goaway = False
+        self._after_goaway: FrameBuffer | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        if alpn != "h2":
+            self._fail_ready(ConnectionError(
+                f"the server did not negotiate HTTP/2 (ALPN offered 'h2', got {alpn!r}); "
+                "APNs speaks only HTTP/2: check apns.endpoint"
+            ))
+            transport.abort()
+            return
+        self._h2.initiate_connection()
+        self.flush()
+        self._arm_timer(self._idle_ping)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        self._ping_deadline = None  # any frame shows the peer is alive
+        try:
+            if self._after_goaway is not None:
+                self._receive_after_goaway(data)
+            else:
+                end = self._goaway_end(data)
+                if end < 0:
+                    self._handle(self._h2.receive_data(data))
+                else:
+                    self._handle(self._h2.receive_data(data[:end]))
+                    self._after_goaway = FrameBuffer(server=False)
+                    self._after_goaway.max_frame_size = self._h2.max_inbound_frame_size
+                    self._receive_after_goaway(data[end:])
+        except (H2Error, ValueError) as exc:
+            # h2 raises its own errors; hyperframe and hpack raise ValueError subclasses.
+            log.warning("APNs connection %s: protocol error from the server: %s", self.label, exc)
+            self.flush()
+            self.abort()
+            return
+        self.flush()
+        if not self.closed:
+            self._owner.capacity_changed(self)
+            if self.goaway_last is not None and not self._streams:
+                self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fail_ready(ConnectionError(f"connection closed during set-up ({exc or 'EOF'})"))
+        streams, self._streams = self._streams, {}
+        if streams:
+            log.warning("APNs connection %s lost with %d requests in flight",
+                        self.label, len(streams))
+            for stream in streams.values():
+                stream.request.conn = None
+            self._owner.lost([s.request for s in streams.values()], "ConnectionLost")
+        self._owner.closed(self)
+
+    # --- the owner's side -----------------------------------------------------------
+
+    def capacity(self) -> int:
+        """How many more streams may be opened now."""
+        if self.closed or self.goaway_last is not None or not self._server_limit:
+            return 0
+        limit = self._server_limit if self.confirmed else 1
+        return min(limit, STREAM_CAP) - len(self._streams)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    def submit(self, request: PendingRequest) -> None:
+        """Open a stream for `request`; the owner checked `capacity()` first."""
+        stream_id = self._h2.get_next_available_stream_id()
+        self._h2.in_flight = len(self._streams)
+        self._h2.send_headers(stream_id, self._owner.headers_for(request))
+        stream = _Stream(request, self._body)
+        self._streams[stream_id] = stream
+        request.conn, request.stream_id = self, stream_id
+        self._send_body(stream_id, stream)
+
+    def cancel(self, request: PendingRequest) -> None:
+        """The request's deadline passed: stop waiting and free its stream."""
+        stream = self._streams.pop(request.stream_id, None)
+        request.conn = None
+        if stream is None or self.closed:
+            return
+        if self.goaway_last is None:
+            self._h2.reset_stream(request.stream_id, ErrorCodes.CANCEL)
+            self.flush()
+        elif not self._streams:
+            self.close()
+        # Silence from the server may mean a dead socket: a PING tells within ping_timeout.
+        self._send_ping()
+
+    def take_all(self) -> list[PendingRequest]:
+        """Forget every stream (the client is closing) and return their requests."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.request.conn = None
+        return [stream.request for stream in streams.values()]
+
+    def flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and self._transport is not None and not self.closed:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- h2 events -------------------------------------------------------------------
+
+    def _handle(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, ResponseReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream.status = _status_of(event.headers)
+            elif isinstance(event, DataReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream.body += event.data
+                self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                self._complete(event.stream_id)
+            elif isinstance(event, StreamReset):
+                self._reset(event.stream_id, event.error_code)
+            elif isinstance(event, WindowUpdated):
+                self._resume_bodies(event.stream_id)
+            elif isinstance(event, RemoteSettingsChanged):
+                limit = self._h2.remote_settings.max_concurrent_streams
+                self._server_limit = limit
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                elif SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings:
+                    log.info("APNs connection %s: server allows %d concurrent streams",
+                             self.label, limit)
+            elif isinstance(event, PingAckReceived):
+                self._ping_deadline = None
+            elif isinstance(event, ConnectionTerminated):
+                self._goaway(event.last_stream_id or 0, event.error_code or 0,
+                             event.additional_data)
+
+    def _complete(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return  # cancelled after its deadline; the late answer has no one to go to
+        stream.request.conn = None
+        self.answered_any = True
+        if stream.status == 200:
+            self.confirmed = True
+        self._owner.answered(self, stream.request, stream.status, stream.body)
+
+    def _reset(self, stream_id: int, error_code: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.request.conn = None
+        if error_code == ErrorCodes.REFUSED_STREAM:
+            # RFC 9113 §8.7: a refused stream was not processed; safe to send again.
+            self._owner.requeue([stream.request])
+        else:
+            log.warning("APNs connection %s: stream %d reset by the server (error %s)",
+                        self.label, stream_id, error_code)
+            self._owner.lost([stream.request], "StreamReset")
+
+    def _send_body(self, stream_id: int, stream: _Stream) -> None:
+        window = self._h2.local_flow_control_window(stream_id)
+        size = min(window, len(stream.unsent), self._h2.max_outbound_frame_size)
+        if size == len(stream.unsent):
+            self._h2.send_data(stream_id, stream.unsent, end_stream=True)
+            stream.unsent = b""
+        elif size > 0:
+            self._h2.send_data(stream_id, stream.unsent[:size])
+            stream.unsent = stream.unsent[size:]
+
+    def _resume_bodies(self, stream_id: int) -> None:
+        if self.goaway_last is not None:
+            return
+        if stream_id:
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.unsent:
+                self._send_body(stream_id, stream)
+            return
+        for sid, stream in list(self._streams.items()):
+            if stream.unsent:
+                self._send_body(sid, stream)
+
+    def _goaway(self, last_stream_id: int, error_code: int, data: bytes | None) -> None:
+        self.goaway_last = last_stream_id
+        reason = _reason_of(data or b"") or (data or b"").decode("utf-8", "replace")
+        log.warning("APNs connection %s: GOAWAY (error %s, last stream %d, %s); "
+                    "new requests go to a new connection", self.label, error_code,
+                    last_stream_id, reason or "no reason")
+        unprocessed = [sid for sid in self._streams if sid > last_stream_id]
+        retry = []
+        for sid in unprocessed:
+            stream = self._streams.pop(sid)
+            stream.request.conn = None
+            retry.append(stream.request)
+        self._owner.draining(self)
+        if retry:
+            self._owner.requeue(retry)
+
+    # --- after GOAWAY: read the remaining answers ourselves ----------------------------
+
+    def _goaway_end(self, data: bytes) -> int:
+        """Offset just past a GOAWAY frame ending in `data`, else -1 (tracks frame bounds)."""
+        size = len(data)
+        pos = self._scan_skip
+        if pos > size:
+            self._scan_skip = pos - size
+            return -1
+        self._scan_skip = 0
+        if self._scan_in_goaway:
+            self._scan_in_goaway = False
+            return pos
+        shift = 0
+        if self._scan_carry:
+            shift = len(self._scan_carry)
+            data = self._scan_carry + data
+            self._scan_carry = b""
+            size = len(data)
+        while pos + _FRAME_HEADER <= size:
+            end = pos + _FRAME_HEADER + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2])
+            if data[pos + 3] == _GOAWAY:
+                if end <= size:
+                    return end - shift
+                self._scan_in_goaway = True
+                self._scan_skip = end - size
+                return -1
+            pos = end
+        if pos > size:
+            self._scan_skip = pos - size
+        else:
+            self._scan_carry = bytes(data[pos:])
+        return -1
+
+    def _receive_after_goaway(self, data: bytes) -> None:
+        buffer = self._after_goaway
+        assert buffer is not None
+        buffer.add_data(data)
+        for frame in buffer:
+            stream = self._streams.get(frame.stream_id)
+            if isinstance(frame, HeadersFrame):
+                headers = self._h2.decoder.decode(bytes(frame.data), raw=True)
+                if stream is not None and not stream.status:
+                    stream.status = _status_of(headers)
+                if "END_STREAM" in frame.flags:
+                    self._complete(frame.stream_id)
+            elif isinstance(frame, DataFrame):
+                if stream is not None:
+                    stream.body += bytes(frame.data)
+                if "END_STREAM" in frame.flags:
+                    self._complete(frame.stream_id)
+            elif isinstance(frame, RstStreamFrame):
+                self._reset(frame.stream_id, frame.error_code)
+            elif isinstance(frame, GoAwayFrame) and frame.last_stream_id < (self.goaway_last or 0):
+                self._goaway(frame.last_stream_id, frame.error_code, frame.additional_data)
+
+    # --- liveness ------------------------------------------------------------------
+
+    def _arm_timer(self, delay: float) -> None:
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        now = self._loop.time()
+        if self._ping_deadline is not None:
+            if now >= self._ping_deadline:
+                log.warning("APNs connection %s: no answer to PING within %.1fs; reconnecting",
+                            self.label, self._ping_timeout)
+                self.abort()
+            else:
+                self._arm_timer(self._ping_deadline - now)
+        elif now - self._last_activity >= self._idle_ping:
+            self._send_ping()
+        else:
+            self._arm_timer(self._last_activity + self._idle_ping - now)
+
+    def _send_ping(self) -> None:
+        if self._ping_deadline is not None or self.closed or self.goaway_last is not None:
+            return
+        self._h2.ping(_PING_PAYLOAD)
+        self.flush()
+        self._ping_deadline = self._loop.time() + self._ping_timeout
+        if self._timer is not None:
+            self._timer.cancel()
+        self._arm_timer(self._ping_timeout)
+
+    def _fail_ready(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()  # mark retrieved: the opener may have given up already
+
+
+def _status_of(headers: Iterable[Any]) -> int:
+    for name, value in headers:
+        if name == b":status":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _reason_of(body: bytes) -> str | None:
+    try:
+        reason = json.loads(body).get("reason")
+    except (ValueError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) else None
+
+
+async def open_connection(
+    factory: Callable[[], Http2Connection], host: str, port: int, context: ssl.SSLContext,
+    timeout: float,
+) -> Http2Connection:
+    """Connect, handshake TLS (ALPN h2) and wait for the server's SETTINGS, all within `timeout`."""
+    loop = asyncio.get_running_loop()
+
+    async def establish() -> Http2Connection:
+        _, conn = await loop.create_connection(factory, host, port, ssl=context,
+                                               server_hostname=host)
+        try:
+            await conn.ready
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    return await asyncio.wait_for(establish(), timeout)
+
+

@@ -1,0 +1,64 @@
+"""Where the relay's database and APNs come from: the configuration, or the embedded defaults.
+
+With no `database.dsn` the relay runs its own PostgreSQL; with no APNs
+credentials it runs the project's APNs simulator on loopback and says, loudly,
+that no notification leaves the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+from relay.config import ApnsConfig, Config
+from relay.database import EmbeddedPostgres, apply_migrations, wait_until_reachable
+
+log = logging.getLogger(__name__)
+
+SIMULATED_TOPIC = "org.example.relay.simulated"
+DATABASE_WAIT = 30.0
+
+
+@contextmanager
+def database(config: Config) -> Iterator[str]:
+    """A DSN with every migration applied: the configured server, else the embedded one."""
+    embedded: EmbeddedPostgres | None = None
+    dsn = config.database.dsn
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.database.data_dir)
+        dsn = embedded.start()
+        log.info("using the embedded PostgreSQL in %s", embedded.pgdata)
+    try:
+        wait_until_reachable(dsn, DATABASE_WAIT)
+        apply_migrations(dsn)
+        yield dsn
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@contextmanager
+def apns(config: Config) -> Iterator[ApnsConfig]:
+    """The APNs settings to use: the configured ones, else a simulator of our own."""
+    if config.apns.credentials_given:
+        yield config.apns
+        return
+    from relay.simulator import embedded_simulator
+
+    simulator, simulated = embedded_simulator(config.apns.topic or SIMULATED_TOPIC)
+    banner = "=" * 72
+    log.warning(
+        "\n%s\nNO APNs CREDENTIALS CONFIGURED: notifications go to the built-in APNs\n"
+        "simulator at %s. NO NOTIFICATION LEAVES THIS MACHINE.\n"
+        "Set apns.key_file, apns.key_id, apns.team_id and apns.topic to reach Apple.\n%s",
+        banner, simulated.url, banner,
+    )
+    try:
+        yield replace(simulated, connections=config.apns.connections,
+                      connect_timeout=config.apns.connect_timeout,
+                      request_timeout=config.apns.request_timeout,
+                      idle_ping=config.apns.idle_ping)
+    finally:
+        simulator.stop()

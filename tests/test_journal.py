@@ -1,0 +1,284 @@
+"""The Journal on real PostgreSQL: group commit, concurrent writers, outages."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+from events import codec
+from events import journal as journal_module
+from events import types as ev
+from events.journal import Journal, JournalStopped
+
+TOKEN = "ab" * 32
+
+
+def registered(i: int) -> ev.Event:
+    return ev.device_registered(f"{i:064x}", 1_700_000_000_000 + i)
+
+
+def count_events(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM events").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def journal(dsn: str) -> Iterator[Journal]:
+    j = Journal(dsn, max_batch=100, max_delay=0.002)
+    j.start()
+    yield j
+    j.stop(5)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry policy's shape, at test speed."""
+    monkeypatch.setattr(journal_module, "RETRY_MIN", 0.01)
+    monkeypatch.setattr(journal_module, "RETRY_MAX", 0.05)
+
+
+def test_append_resolves_with_positions_after_commit(dsn: str, journal: Journal) -> None:
+    first = journal.append([registered(1), registered(2)]).result(10)
+    second = journal.append([registered(3)]).result(10)
+    assert first == [1, 2]
+    assert second == [3]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT position, type, token, body, hash FROM events"
+                            " ORDER BY position").fetchall()
+        head = conn.execute("SELECT position, hash FROM log_head").fetchone()
+    previous = codec.GENESIS_HASH
+    for position, type_, token, body, hash_ in rows:
+        event = registered(position)
+        assert bytes(body) == codec.canonical_bytes(position, event.type, event.data)
+        assert (type_, token) == (event.type, event.data["token"])
+        previous = codec.chain_hash(previous, bytes(body))
+        assert bytes(hash_) == previous
+    assert head == (3, previous)
+
+
+def test_acknowledges_only_what_is_committed(dsn: str, journal: Journal) -> None:
+    """A future's callback runs after COMMIT: another connection already sees the rows."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def check(future: Future[list[int]]) -> None:
+        seen.append(count_events(dsn))
+        done.set()
+
+    journal.append([registered(i) for i in range(5)]).add_done_callback(check)
+    assert done.wait(10)
+    assert seen == [5]
+
+
+def test_group_commit_batches_many_appenders(dsn: str, journal: Journal) -> None:
+    futures = [journal.append([registered(i)]) for i in range(300)]
+    positions = sorted(p for f in futures for p in f.result(10))
+    assert positions == list(range(1, 301))
+    with psycopg.connect(dsn) as conn:
+        batches = conn.execute("SELECT count(*) FROM journal_batches").fetchone()
+    assert batches is not None and batches[0] < 300, "each append got its own transaction"
+
+
+def test_one_append_stays_together_and_in_order(journal: Journal) -> None:
+    big = [registered(i) for i in range(250)]  # larger than max_batch
+    positions = journal.append(big).result(10)
+    assert positions == list(range(1, 251))
+
+
+def test_malformed_events_fail_their_future_only(journal: Journal) -> None:
+    bad = journal.append([ev.Event("no_such_type", {"token": TOKEN})])
+    reserved = journal.append([ev.Event(ev.DEVICE_REGISTERED, {"token": TOKEN, "position": 3})])
+    unencodable = journal.append([ev.Event(ev.DEVICE_REGISTERED, {"token": TOKEN, "x": object()})])
+    good = journal.append([registered(1)])
+    for future in (bad, reserved, unencodable):
+        with pytest.raises(codec.EventEncodingError):
+            future.result(10)
+    assert good.result(10) == [1]
+
+
+def test_stop_flushes_then_refuses(dsn: str) -> None:
+    j = Journal(dsn, max_delay=1.0)
+    j.start()
+    pending = j.append([registered(1)])
+    j.stop(5)
+    assert pending.result(0) == [1]
+    with pytest.raises(JournalStopped):
+        j.append([registered(2)]).result(0)
+
+
+def test_concurrent_journals_never_leave_a_gap_for_a_paging_reader(dsn: str) -> None:
+    """Several writers on one database; a reader paging by position sees every event
+    exactly once, in order, while they write."""
+    writers, appends, per_append = 4, 60, 5
+    total = writers * appends * per_append
+    journals = [Journal(dsn, max_batch=50, max_delay=0.001) for _ in range(writers)]
+    for j in journals:
+        j.start()
+    futures: list[Future[list[int]]] = []
+    lock = threading.Lock()
+
+    def write(j: Journal, w: int) -> None:
+        for a in range(appends):
+            future = j.append([registered(w * 100_000 + a * 10 + k) for k in range(per_append)])
+            with lock:
+                futures.append(future)
+
+    seen: list[int] = []
+
+    def read() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while len(seen) < total:
+                after = seen[-1] if seen else 0
+                rows = conn.execute("SELECT position FROM events WHERE position > %s"
+                                    " ORDER BY position LIMIT 37", (after,)).fetchall()
+                seen.extend(row[0] for row in rows)
+
+    threads = [threading.Thread(target=write, args=(j, w)) for w, j in enumerate(journals)]
+    reader = threading.Thread(target=read)
+    reader.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    acknowledged = sorted(p for f in futures for p in f.result(30))
+    reader.join(30)
+    for j in journals:
+        j.stop(5)
+    assert acknowledged == list(range(1, total + 1))
+    assert seen == list(range(1, total + 1))
+
+
+# --- outages: a TCP proxy between the Journal and PostgreSQL ------------------------------
+
+
+class Proxy:
+    """Forwards TCP to the database; can cut every connection, or cut right after the
+    client sent COMMIT (before the server's answer reaches it)."""
+
+    def __init__(self, dsn: str) -> None:
+        params = conninfo.conninfo_to_dict(dsn)
+        host = str(params.get("host") or "127.0.0.1")
+        port = int(params.get("port") or 5432)
+        self._target: tuple[int, Any] = (
+            (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/")
+            else (socket.AF_INET, (host, port)))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.dsn = conninfo.make_conninfo(
+            dbname=str(params["dbname"]), user=str(params.get("user") or "postgres"),
+            host="127.0.0.1", port=str(self.port), sslmode="disable",
+            **({"password": str(params["password"])} if params.get("password") else {}))
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.down = False
+        self.cut_after_commit = False
+        self.commits_cut = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            server = socket.socket(self._target[0], socket.SOCK_STREAM)
+            server.connect(self._target[1])
+            with self._lock:
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if upstream and self.cut_after_commit and b"COMMIT" in data:
+                    self.cut_after_commit = False
+                    self.commits_cut += 1
+                    # Let the server read the COMMIT; the client never hears back.
+                    source.shutdown(socket.SHUT_RDWR)
+                    return
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.down = True
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        self.down = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+@pytest.fixture
+def proxy(dsn: str) -> Iterator[Proxy]:
+    p = Proxy(dsn)
+    yield p
+    p.close()
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_outage_futures_resolve_after_the_database_returns(
+        dsn: str, proxy: Proxy, fast_retries: None) -> None:
+    j = Journal(proxy.dsn, max_delay=0.001)
+    j.start()
+    try:
+        assert j.append([registered(0)]).result(10) == [1]
+        proxy.cut()
+        during = [j.append([registered(i)]) for i in range(1, 6)]
+        wait_for(lambda: not j.database_available)
+        assert not any(f.done() for f in during)
+        proxy.restore()
+        positions = [f.result(10) for f in during]
+        assert positions == [[2], [3], [4], [5], [6]]
+        assert j.database_available
+    finally:
+        j.stop(5)
+    assert count_events(dsn) == 6
+
+
+def test_connection_lost_during_commit_neither_duplicates_nor_loses(
+        dsn: str, proxy: Proxy, fast_retries: None) -> None:
+    j = Journal(proxy.dsn, max_delay=0.001)
+    j.start()
+    try:
+        assert j.append([registered(0)]).result(10) == [1]
+        proxy.cut_after_commit = True
+        batch = [registered(i) for i in range(1, 11)]
+        assert j.append(batch).result(20) == list(range(2, 12))
+        assert proxy.commits_cut == 1
+        assert j.append([registered(11)]).result(10) == [12]
+    finally:
+        j.stop(5)
+    with psycopg.connect(dsn) as conn:
+        tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
+    assert tokens == [f"{i:064x}" for i in range(12)]

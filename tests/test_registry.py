@@ -1,0 +1,179 @@
+"""The Registry: registrations, and dead-token verdicts under the re-registration rule."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pykka
+import pytest
+
+from actors.delivery import DeadVerdict
+from actors.registry import RegistryHandle, decide_dead_token
+from events import types as ev
+from events.journal import Journal
+from events.store import LogReader
+from relay.config import RegistryConfig
+
+TOKEN = "a1" * 32
+T = 1_800_000_000_000  # Apple's verdict time
+SKEW_MS = 5_000
+WAIT = 10.0
+
+
+def _verdict(at_ms: int = T, *, apple: int | None = T, token: str = TOKEN,
+             cause: str = "Unregistered") -> DeadVerdict:
+    return DeadVerdict(token, cause, verdict_at_ms=at_ms, apple_timestamp_ms=apple, run=3,
+                       apns_id="5a3c1e9e-0000-4000-8000-000000000001")
+
+
+# --- the rule, without threads ------------------------------------------------------------
+
+def test_registered_before_the_verdict_minus_skew_is_unregistered() -> None:
+    event = decide_dead_token(_verdict(), active=True, registered_at_ms=T - SKEW_MS,
+                              clock_skew_ms=SKEW_MS, now_ms=T + 100)
+    assert event is not None and event.type == ev.DEVICE_UNREGISTERED
+    assert event.data["cause"] == "Unregistered"
+    assert event.data["apple_timestamp_ms"] == T and event.data["run"] == 3
+
+
+def test_registered_after_the_verdict_is_kept() -> None:
+    event = decide_dead_token(_verdict(), active=True, registered_at_ms=T + 60_000,
+                              clock_skew_ms=SKEW_MS, now_ms=T + 100)
+    assert event is not None and event.type == ev.UNREGISTER_SKIPPED
+    assert event.data["registered_at"] == ev.iso_ms(T + 60_000)
+    assert event.data["verdict_at"] == ev.iso_ms(T)
+    assert "registered again" in event.data["why"]
+
+
+def test_registered_within_the_clock_skew_before_the_verdict_is_kept() -> None:
+    event = decide_dead_token(_verdict(), active=True, registered_at_ms=T - SKEW_MS + 1,
+                              clock_skew_ms=SKEW_MS, now_ms=T + 100)
+    assert event is not None and event.type == ev.UNREGISTER_SKIPPED
+
+
+def test_a_token_no_longer_registered_needs_no_event() -> None:
+    assert decide_dead_token(_verdict(), active=False, registered_at_ms=T - 10**6,
+                             clock_skew_ms=SKEW_MS, now_ms=T) is None
+
+
+# --- the actor over real PostgreSQL ---------------------------------------------------------
+
+class Clock:
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def journal(dsn: str) -> Iterator[Journal]:
+    journal = Journal(dsn)
+    journal.start()
+    yield journal
+    pykka.ActorRegistry.stop_all()  # before the Journal they append to
+    journal.stop(timeout=10)
+
+
+@pytest.fixture
+def reader(dsn: str) -> Iterator[LogReader]:
+    reader = LogReader(dsn)
+    yield reader
+    reader.close()
+
+
+def _start(journal: Journal, reader: LogReader, clock: Clock) -> RegistryHandle:
+    return RegistryHandle.start(journal, reader, RegistryConfig(clock_skew=SKEW_MS / 1000),
+                                clock_ms=clock)
+
+
+def _events(dsn: str) -> list[tuple[str, dict[str, Any]]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT type, body FROM events ORDER BY position").fetchall()
+    return [(type_, json.loads(bytes(body))) for type_, body in rows]
+
+
+def test_register_and_unregister_resolve_after_commit(dsn: str, journal: Journal,
+                                                      reader: LogReader) -> None:
+    registry = _start(journal, reader, Clock(T))
+    registry.register(TOKEN).result(WAIT)
+    assert reader.registration(TOKEN) == (True, T)
+    registry.unregister(TOKEN).result(WAIT)
+    assert reader.registration(TOKEN)[0] is False
+    registry.unregister(TOKEN).result(WAIT)  # idempotent: nothing more to write
+    assert [t for t, _ in _events(dsn)] == [ev.DEVICE_REGISTERED, ev.DEVICE_UNREGISTERED]
+    registry.stop()
+
+
+def test_dead_token_registered_before_the_verdict_is_unregistered(
+        dsn: str, journal: Journal, reader: LogReader) -> None:
+    clock = Clock(T - 3_600_000)
+    registry = _start(journal, reader, clock)
+    registry.register(TOKEN).result(WAIT)
+    clock.now = T + 1000
+    registry.dead_token(_verdict()).result(WAIT)
+    assert reader.registration(TOKEN)[0] is False
+    type_, data = _events(dsn)[-1]
+    assert type_ == ev.DEVICE_UNREGISTERED
+    assert data["cause"] == "Unregistered" and data["apple_timestamp_ms"] == T
+    registry.stop()
+
+
+def test_dead_token_registered_again_after_the_verdict_is_kept(
+        dsn: str, journal: Journal, reader: LogReader) -> None:
+    clock = Clock(T + 60_000)
+    registry = _start(journal, reader, clock)
+    registry.register(TOKEN).result(WAIT)
+    registry.dead_token(_verdict()).result(WAIT)
+    assert reader.registration(TOKEN) == (True, T + 60_000)
+    type_, data = _events(dsn)[-1]
+    assert type_ == ev.UNREGISTER_SKIPPED
+    assert data["registered_at"] == ev.iso_ms(T + 60_000) and data["cause"] == "Unregistered"
+    registry.stop()
+
+
+def test_a_registration_not_yet_committed_already_counts(
+        dsn: str, journal: Journal, reader: LogReader) -> None:
+    """The verdict is older than a registration still on its way to the log: keep the token."""
+    clock = Clock(T - 3_600_000)
+    registry = _start(journal, reader, clock)
+    registry.register(TOKEN).result(WAIT)
+    clock.now = T + 60_000
+    again = registry.register(TOKEN)  # not awaited: the verdict follows right behind it
+    dead = registry.dead_token(_verdict())
+    again.result(WAIT)
+    dead.result(WAIT)
+    assert reader.registration(TOKEN) == (True, T + 60_000)
+    assert _events(dsn)[-1][0] == ev.UNREGISTER_SKIPPED
+    registry.stop()
+
+
+def test_a_verdict_without_apples_timestamp_uses_the_answer_time(
+        dsn: str, journal: Journal, reader: LogReader) -> None:
+    clock = Clock(T - 10_000)
+    registry = _start(journal, reader, clock)
+    registry.register(TOKEN).result(WAIT)
+    clock.now = T
+    registry.dead_token(_verdict(T, apple=None, cause="BadDeviceToken")).result(WAIT)
+    assert reader.registration(TOKEN)[0] is False
+    type_, data = _events(dsn)[-1]
+    assert type_ == ev.DEVICE_UNREGISTERED and data["cause"] == "BadDeviceToken"
+    assert data["apple_timestamp_ms"] is None
+    registry.stop()
+
+
+def test_a_stopped_registry_fails_requests_instead_of_hanging_until_restarted(
+        journal: Journal, reader: LogReader) -> None:
+    registry = _start(journal, reader, Clock(T))
+    registry.stop()
+    assert not registry.alive()
+    with pytest.raises(RuntimeError, match="not running"):
+        registry.register(TOKEN).result(WAIT)
+    registry.restart()
+    assert registry.alive()
+    registry.register(TOKEN).result(WAIT)
+    assert reader.registration(TOKEN) == (True, T)
+    registry.stop()
