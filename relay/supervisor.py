@@ -26,7 +26,7 @@ from events.store import LogReader
 from relay import environment
 from relay.apns import ApnsClient
 from relay.config import Config
-from relay.database import DatabaseError
+from relay.database import DatabaseError, connect
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 RESTART_BACKOFF = 1.0
 WATCH_INTERVAL = 1.0
+RUN_LOCK_KEY = 0x72756E73  # "runs"
 
 
 @dataclass
@@ -72,6 +73,25 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
             journal.stop(JOURNAL_STOP_TIMEOUT)
 
 
+@contextmanager
+def run_lock(dsn: str) -> Iterator[None]:
+    """Hold the database-wide run lock: one relay process drives a run at a time.
+
+    Without it, `relay wakeup` started beside a supervisor in the middle of a run
+    would resume that same run and send its tokens twice. A session-level advisory
+    lock is released by PostgreSQL when the holder dies, so a crash never leaves it held.
+    """
+    with connect(dsn, autocommit=True) as conn:
+        acquired = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
+        if not (acquired and acquired[0]):
+            log.info("another relay process is running a wakeup; waiting for it to finish")
+            conn.execute("SELECT pg_advisory_lock(%s)", (RUN_LOCK_KEY,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+
+
 def _exit_status(result: RunResult) -> int:
     if result.halted is not None:
         halt = result.halted
@@ -102,7 +122,8 @@ def wakeup_once(config: Config, dsn: str) -> int:
         _install_signal_handlers(parts.runner.request_stop)
         bar_callback, bar = _progress_bar()
         callback = bar_callback or ProgressLogger(config.wakeup.progress_interval)
-        result = parts.runner.run_once(progress=callback)
+        with run_lock(dsn):
+            result = parts.runner.run_once(progress=callback)
         if bar is not None:
             bar.close()  # type: ignore[attr-defined]
         log.info("wakeup: %s", result)
@@ -123,8 +144,8 @@ def _install_signal_handlers(on_signal: Callable[[], None]) -> None:
 class Supervisor:
     """Serves the API and runs a wakeup at start and then every `wakeup.interval`."""
 
-    def __init__(self, config: Config, parts: Parts) -> None:
-        self.config, self.parts = config, parts
+    def __init__(self, config: Config, dsn: str, parts: Parts) -> None:
+        self.config, self.dsn, self.parts = config, dsn, parts
         self.stopping = threading.Event()
         self.exit_status = EXIT_OK
         self._worker = threading.Thread(target=self._wakeups, name="wakeup-worker", daemon=True)
@@ -146,7 +167,8 @@ class Supervisor:
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
-                result = self.parts.runner.run_once(progress=progress)
+                with run_lock(self.dsn):
+                    result = self.parts.runner.run_once(progress=progress)
             except Exception:
                 log.exception("wakeup run failed; retrying at the next interval")
             else:
@@ -205,7 +227,7 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
             if command == "wakeup":
                 return wakeup_once(config, dsn)
             with running_parts(config, dsn) as parts:
-                supervisor = Supervisor(config, parts)
+                supervisor = Supervisor(config, dsn, parts)
                 _install_signal_handlers(supervisor.stop)
                 return supervisor.run()
     except DatabaseError as exc:
