@@ -48,6 +48,13 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, **kwargs)
 
 
+def with_dbname(dsn: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
 def migrations() -> list[tuple[str, str]]:
     """The numbered SQL files shipped in the `schema` package, in order."""
     files = [f for f in resources.files("schema").iterdir() if f.name.endswith(".sql")]
@@ -231,9 +238,7 @@ class EmbeddedPostgres:
                 # Another relay process may have created it a moment ago.
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                     conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
-        conninfo = psycopg.conninfo.conninfo_to_dict(server_dsn)
-        conninfo["dbname"] = EMBEDDED_DATABASE
-        return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in conninfo.items()})
+        return with_dbname(server_dsn, EMBEDDED_DATABASE)
 
     def stop(self) -> None:
         """Release our claim; the last process out stops the server."""

@@ -18,15 +18,8 @@ from pathlib import Path
 import psycopg
 import pykka
 import pytest
-from psycopg import conninfo
 
-from relay.database import EmbeddedPostgres, apply_migrations
-
-
-def _with_dbname(dsn: str, dbname: str) -> str:
-    params = conninfo.conninfo_to_dict(dsn)
-    params["dbname"] = dbname
-    return conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+from relay.database import EmbeddedPostgres, apply_migrations, with_dbname
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +45,7 @@ def template_db(admin_dsn: str) -> Iterator[str]:
     name = f"relay_tmpl_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    apply_migrations(_with_dbname(admin_dsn, name))
+    apply_migrations(with_dbname(admin_dsn, name))
     yield name
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -64,7 +57,7 @@ def dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
     name = f"relay_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield _with_dbname(admin_dsn, name)
+    yield with_dbname(admin_dsn, name)
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

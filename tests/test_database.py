@@ -11,8 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from relay.database import EmbeddedPostgres, apply_migrations, migrations
-from tests.conftest import _with_dbname
+from relay.database import EmbeddedPostgres, apply_migrations, migrations, with_dbname
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def empty_dsn(admin_dsn: str):
     name = f"relay_empty_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield _with_dbname(admin_dsn, name)
+    yield with_dbname(admin_dsn, name)
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
