@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -39,27 +40,40 @@ def admin_dsn() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@contextmanager
+def scratch_database(admin_dsn: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A database of its own (a copy of `template`, if given), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def template_db(admin_dsn: str) -> Iterator[str]:
     """A database with all migrations applied, cloned for each test."""
-    name = f"relay_tmpl_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    apply_migrations(with_dbname(admin_dsn, name))
-    yield name
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(admin_dsn, "relay_tmpl") as name:
+        apply_migrations(with_dbname(admin_dsn, name))
+        yield name
 
 
 @pytest.fixture
 def dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
     """A fresh database of this test's own, every migration applied."""
-    name = f"relay_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield with_dbname(admin_dsn, name)
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(admin_dsn, "relay_test", template_db) as name:
+        yield with_dbname(admin_dsn, name)
+
+
+@pytest.fixture
+def empty_dsn(admin_dsn: str) -> Iterator[str]:
+    """A fresh database with no migration applied."""
+    with scratch_database(admin_dsn, "relay_empty") as name:
+        yield with_dbname(admin_dsn, name)
 
 
 @pytest.fixture(autouse=True)

@@ -5,23 +5,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from relay.database import EmbeddedPostgres, apply_migrations, migrations, with_dbname
-
-
-@pytest.fixture
-def empty_dsn(admin_dsn: str):
-    name = f"relay_empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield with_dbname(admin_dsn, name)
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+from relay.database import EmbeddedPostgres, apply_migrations, migrations
 
 
 def test_migrations_are_numbered_and_shipped() -> None:
