@@ -87,6 +87,10 @@ class CertificateAuthority:
                 digital_signature=False, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=True,
                 crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            # Key identifiers: Python 3.13's default TLS context verifies strictly
+            # (VERIFY_X509_STRICT) and refuses chains without them.
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()),
+                           critical=False)
             .sign(self._key, hashes.SHA256())
         )
         self.ca_file = self.directory / "ca.pem"
@@ -109,6 +113,10 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage([
                 x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client
                 else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self._key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
         )
         if hosts:
             names: list[x509.GeneralName] = []
