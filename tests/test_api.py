@@ -304,7 +304,6 @@ def test_unregister_refuses_bad_tokens(client: Client, path_token: str) -> None:
     (b'{"token": "abab', "malformed_json", "JSON"),
     (b"", "malformed_json", "JSON"),
     (b"\xff\xfe\x00", "malformed_json", "JSON"),
-    pytest.param(b"[" * 2000 + b"]" * 2000, "malformed_json", "JSON", id="deep-nesting"),
     (b'["abababababababababababababababab"]', "invalid_body", "object"),
     (b'"abababababababababababababababab"', "invalid_body", "object"),
     (b"null", "invalid_body", "object"),
@@ -319,6 +318,14 @@ def test_register_refuses_bad_bodies(client: Client, registry: ThreadRegistry,
     before = len(registry.submitted)
     error = assert_error(client.request("POST", "/devices", body, JSON), 400, code)
     assert hint in error["hint"]
+    assert len(registry.submitted) == before
+
+
+def test_deeply_nested_json_is_a_client_error(client: Client, registry: ThreadRegistry) -> None:
+    """2,000 nested arrays: a RecursionError before Python 3.13, a parsed array since; 400 both."""
+    before = len(registry.submitted)
+    error = assert_error(client.request("POST", "/devices", b"[" * 2000 + b"]" * 2000, JSON), 400)
+    assert error["code"] in {"malformed_json", "invalid_body"}
     assert len(registry.submitted) == before
 
 
