@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # Retry of registration reads while the database is unreachable (same policy as the Journal).
 READ_RETRY_MIN = 0.4
 READ_RETRY_MAX = 30.0
+# The registered-devices gauge is re-counted from the devices projection at most this often
+# (seconds) after a change: one count query instead of a read per registration.
+GAUGE_REFRESH = 5.0
 
 
 class DeviceRegistry(Protocol):
@@ -90,6 +93,11 @@ class _Dead:
 
 
 @dataclass(frozen=True)
+class _RefreshGauge:
+    pass
+
+
+@dataclass(frozen=True)
 class _Committed:
     token: str
     seq: int
@@ -114,12 +122,30 @@ class Registry(pykka.ThreadingActor):
         self._stopping, self._clock_ms = stopping, clock_ms
         self._pending: dict[str, _Pending] = {}
         self._seq = 0
+        self._gauge_timer: threading.Timer | None = None
 
     def on_start(self) -> None:
+        self._refresh_gauge()
+
+    def on_stop(self) -> None:
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+
+    def _refresh_gauge(self) -> None:
+        """Count active devices in the projection: the gauge follows the log, not guesses."""
+        self._gauge_timer = None
         try:
             metrics.DEVICES_REGISTERED.set(self._reader.active_count())
-        except psycopg.Error:
-            log.warning("database unreachable at start; the registered-devices gauge waits")
+        except psycopg.Error as exc:
+            log.warning("cannot count registered devices (%s); the gauge waits", exc)
+
+    def _gauge_changes(self) -> None:
+        if self._gauge_timer is None:
+            ref = self.actor_ref
+            self._gauge_timer = threading.Timer(
+                GAUGE_REFRESH, lambda: _tell_quietly(ref, _RefreshGauge()))
+            self._gauge_timer.daemon = True
+            self._gauge_timer.start()
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, _Register):
@@ -132,14 +158,13 @@ class Registry(pykka.ThreadingActor):
             pending = self._pending.get(message.token)
             if pending is not None and pending.seq == message.seq:
                 del self._pending[message.token]
+        elif isinstance(message, _RefreshGauge):
+            self._refresh_gauge()
 
     def _register(self, token: str, reply: Future[None]) -> None:
         at_ms = self._clock_ms()
-        # The previous state only feeds the registered-devices gauge: not worth waiting for
-        # a database the Journal already knows to be away.
-        previous = self._state(token, retry=False) if self._journal.database_available else None
         commit = self._append(token, ev.device_registered(token, at_ms), True, at_ms)
-        _chain(commit, reply, lambda: _count_registration(previous))
+        _chain(commit, reply, metrics.REGISTRATIONS.inc)
 
     def _unregister(self, token: str, reply: Future[None]) -> None:
         active, _ = self._state(token, retry=True) or (True, None)
@@ -202,6 +227,7 @@ class Registry(pykka.ThreadingActor):
         self._pending[token] = _Pending(active, registered_at_ms, seq, commit)
         ref = self.actor_ref
         commit.add_done_callback(lambda _: _tell_quietly(ref, _Committed(token, seq)))
+        self._gauge_changes()
         return commit
 
     def _journal_commit(self, event: ev.Event) -> Future[None]:
@@ -229,15 +255,8 @@ def _chain(source: Future[Any], target: Future[None], on_success: Callable[[], N
     source.add_done_callback(forward)
 
 
-def _count_registration(previous: tuple[bool, int | None] | None) -> None:
-    metrics.REGISTRATIONS.inc()
-    if previous is not None and not previous[0]:
-        metrics.DEVICES_REGISTERED.inc()
-
-
 def _count_unregistration(cause: str) -> None:
     metrics.UNREGISTRATIONS.labels(cause).inc()
-    metrics.DEVICES_REGISTERED.dec()
 
 
 class RegistryHandle:

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import resource
 import secrets
 import statistics
 import sys
@@ -109,6 +110,12 @@ def _scratch_database(admin_dsn: str) -> tuple[str, str]:
     return name, dsn
 
 
+def _cpu_seconds() -> float:
+    """CPU of this process (API, Registry and Journal threads; the load runs elsewhere)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -143,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         barrier = context.Manager().Barrier(args.processes)
         share = args.requests // args.processes
         with context.Pool(args.processes) as pool:
+            cpu_before = _cpu_seconds()
             loads = pool.starmap(_load_process, [(url, share, args.connections, barrier)
                                                  for _ in range(args.processes)])
+        relay_cpu = _cpu_seconds() - cpu_before
     finally:
         server.stop()
         registry.stop(timeout=30)
@@ -167,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"registrations/s: {rate:.0f}")
     print(f"latency: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
           f"mean {statistics.fmean(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    total = len(latencies) + args.processes * WARMUP_PER_PROCESS
+    print(f"relay CPU: {relay_cpu:.2f} s, {relay_cpu / total * 1e6:.0f} us per registration "
+          f"(a bound of {total / relay_cpu:.0f}/s per relay CPU-second)")
     print(f"failures: {dict(failures) or 'none'}; device_registered events: "
           f"{logged[0] if logged else 0} (expected >= {accepted})")
     met = rate >= TARGET_RATE and p99 < TARGET_P99

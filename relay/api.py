@@ -389,8 +389,14 @@ class _Api:
         too_large = ApiError(413, "body_too_large", f"the body is limited to {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
-        chunks: list[bytes] = []
-        size = 0
+        # Fast path: a small body usually arrives with its head, so nothing to wait for.
+        first = request.content.read_nowait(limit + 1)
+        if len(first) > limit:
+            raise too_large
+        if request.content.at_eof():
+            return first
+        chunks: list[bytes] = [first]
+        size = len(first)
 
         async def read() -> None:
             nonlocal size
@@ -421,13 +427,12 @@ class _Api:
         if not self._health.database_available():
             self._unavailable("database_unavailable", "the event log's database is unreachable")
         try:
-            future = asyncio.wrap_future(action(token))
+            commit = action(token)
         except Exception:
             log.exception("registry refused %s", redact(token))
             self._unavailable("registry_unavailable", "the registry is not running")
         try:
-            # shield: a timeout here must not cancel the registry's own future.
-            await asyncio.wait_for(asyncio.shield(future), self._commit_wait)
+            await _bounded(commit, self._commit_wait)
         except asyncio.TimeoutError:
             log.warning("no commit within %gs for %s", self._commit_wait, redact(token))
             self._unavailable("commit_timeout",
@@ -465,6 +470,40 @@ class _Api:
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=JSON_TYPE)
+
+
+async def _bounded(commit: concurrent.futures.Future[None], timeout: float) -> None:
+    """Await a registry future for at most `timeout` seconds without ever cancelling it.
+
+    Cheaper than wait_for(shield(wrap_future(...))): one loop future and one timer,
+    no tasks, on the hottest path of the API.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def settle(done: concurrent.futures.Future[None]) -> None:
+        if waiter.done():
+            return
+        error = concurrent.futures.CancelledError() if done.cancelled() else done.exception()
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_exception(asyncio.TimeoutError())
+
+    timer = loop.call_later(timeout, expire)
+    def wake(done: concurrent.futures.Future[None]) -> None:
+        if not loop.is_closed():  # the server stopped meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, done)
+
+    commit.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
 
 
 def openapi_document() -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,11 +11,13 @@ import psycopg
 import pykka
 import pytest
 
+from actors import registry as registry_module
 from actors.delivery import DeadVerdict
 from actors.registry import RegistryHandle, decide_dead_token
 from events import types as ev
 from events.journal import Journal
 from events.store import LogReader
+from relay import metrics
 from relay.config import RegistryConfig
 
 TOKEN = "a1" * 32
@@ -176,4 +179,20 @@ def test_a_stopped_registry_fails_requests_instead_of_hanging_until_restarted(
     assert registry.alive()
     registry.register(TOKEN).result(WAIT)
     assert reader.registration(TOKEN) == (True, T)
+    registry.stop()
+
+
+def test_the_registered_devices_gauge_follows_the_log(
+        journal: Journal, reader: LogReader, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "GAUGE_REFRESH", 0.05)
+    registry = _start(journal, reader, Clock(T))
+    assert metrics.DEVICES_REGISTERED._value.get() == 0
+    for token in ("b1" * 32, "b2" * 32, "b3" * 32):
+        registry.register(token).result(WAIT)
+    registry.register("b1" * 32).result(WAIT)  # again: still three devices
+    registry.unregister("b2" * 32).result(WAIT)
+    deadline = time.monotonic() + WAIT
+    while metrics.DEVICES_REGISTERED._value.get() != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metrics.DEVICES_REGISTERED._value.get() == 2
     registry.stop()
