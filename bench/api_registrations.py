@@ -26,14 +26,12 @@ import secrets
 import statistics
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
 import psycopg
-from psycopg import conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,7 +40,7 @@ from events.journal import Journal
 from events.store import LogReader
 from relay.api import ApiServer
 from relay.config import Config, HttpConfig
-from relay.database import apply_migrations
+from relay.database import apply_migrations, scratch_database, with_dbname
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 WARMUP_PER_PROCESS = 200
@@ -99,17 +97,6 @@ def _load_process(url: str, count: int, connections: int, barrier: object) -> Lo
     return asyncio.run(_drive(url, count, connections))
 
 
-def _scratch_database(admin_dsn: str) -> tuple[str, str]:
-    name = f"relay_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo.conninfo_to_dict(admin_dsn)
-    params["dbname"] = name
-    dsn = conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
-    apply_migrations(dsn)
-    return name, dsn
-
-
 def _cpu_seconds() -> float:
     """CPU of this process (API, Registry and Journal threads; the load runs elsewhere)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -129,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000, help="measured, in total")
     args = parser.parse_args(argv)
 
-    name, dsn = _scratch_database(args.dsn)
+    with scratch_database(args.dsn, "relay_bench") as name:
+        dsn = with_dbname(args.dsn, name)
+        apply_migrations(dsn)
+        return _measure(args, dsn)
+
+
+def _measure(args: argparse.Namespace, dsn: str) -> int:
     config = replace(Config(), http=HttpConfig(listen=("127.0.0.1", 0), rate_limit=0))
     journal = Journal(dsn)
     journal.start()
@@ -165,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     with psycopg.connect(dsn) as conn:
         logged = conn.execute(
             "SELECT count(*) FROM events WHERE type = 'device_registered'").fetchone()
-    with psycopg.connect(args.dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     accepted = len(latencies) + args.processes * WARMUP_PER_PROCESS - sum(failures.values())
     rate = len(latencies) / wall

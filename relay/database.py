@@ -19,6 +19,7 @@ import pwd
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -53,6 +54,24 @@ def with_dbname(dsn: str, dbname: str) -> str:
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     params["dbname"] = dbname
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+@contextmanager
+def scratch_database(admin_dsn: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A database of its own (a copy of `template`, if given), dropped afterwards.
+
+    For tests and benchmarks: `admin_dsn` must be allowed to create databases.
+    Yields the database's name (see `with_dbname`).
+    """
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def migrations() -> list[tuple[str, str]]:

@@ -11,16 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pykka
 import pytest
 
-from relay.database import EmbeddedPostgres, apply_migrations, with_dbname
+from relay.database import EmbeddedPostgres, apply_migrations, scratch_database, with_dbname
 
 
 @pytest.fixture(scope="session")
@@ -38,20 +35,6 @@ def admin_dsn() -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-@contextmanager
-def scratch_database(admin_dsn: str, prefix: str, template: str | None = None) -> Iterator[str]:
-    """A database of its own (a copy of `template`, if given), dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    clause = f' TEMPLATE "{template}"' if template else ""
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"{clause}')
-    try:
-        yield name
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
