@@ -13,7 +13,7 @@ last failed attempt the token is abandoned for this run and the run goes on.
 
 from __future__ import annotations
 
-import uuid
+import random
 from dataclasses import dataclass
 from enum import Enum
 
@@ -31,6 +31,20 @@ HALT_MESSAGES = {
         "Please report it with this message."
     ),
 }
+
+
+# A version-4 UUID from one 128-bit draw: keep the random bits, set version 4 and the
+# RFC 4122 variant. `uuid.uuid4()` reads os.urandom per id, a system call per token;
+# an apns-id only has to be unique, not secret. The module's generator is seeded from
+# the OS and reseeded in a forked child, so processes never share a sequence.
+_UUID4_KEEP = ((1 << 128) - 1) ^ (0xF000 << 64) ^ (0xC000 << 48)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_apns_id() -> str:
+    """A fresh lower-case UUID (version 4), the form Apple requires for `apns-id`."""
+    digits = "%032x" % (random.getrandbits(128) & _UUID4_KEEP | _UUID4_SET)
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 class Outcome(str, Enum):
@@ -100,7 +114,7 @@ class Delivery:
         self.run, self.token, self.policy = run, token, policy
         self.attempts = attempts
         self.next_attempt_at_ms = next_attempt_at_ms
-        self.apns_id = apns_id or str(uuid.uuid4())
+        self.apns_id = apns_id or new_apns_id()
         self._previous_delay: float | None = None
 
     @property

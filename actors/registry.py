@@ -158,6 +158,7 @@ class Registry(pykka.ThreadingActor):
             pending = self._pending.get(message.token)
             if pending is not None and pending.seq == message.seq:
                 del self._pending[message.token]
+            self._gauge_changes()  # after the commit, so the next count includes it
         elif isinstance(message, _RefreshGauge):
             self._refresh_gauge()
 
@@ -227,7 +228,6 @@ class Registry(pykka.ThreadingActor):
         self._pending[token] = _Pending(active, registered_at_ms, seq, commit)
         ref = self.actor_ref
         commit.add_done_callback(lambda _: _tell_quietly(ref, _Committed(token, seq)))
-        self._gauge_changes()
         return commit
 
     def _journal_commit(self, event: ev.Event) -> Future[None]:

@@ -11,7 +11,7 @@ Wiring, in dependency order (stop in reverse)::
 
     journal = Journal(dsn); journal.start()
     registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
-    client = ApnsClient(config.apns, expiration=config.wakeup.interval); client.start()
+    client = open_client(config.apns, expiration=config.wakeup.interval); client.start()
     runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client, registry=registry)
     result = runner.run_once(ProgressLogger(config.wakeup.progress_interval))
     # result.halted is not None -> exit status 9; runner.request_stop() on SIGTERM/SIGINT
@@ -43,7 +43,7 @@ from actors.dispatcher import (
 from actors.registry import RegistryHandle
 from events.journal import Journal
 from events.store import LogReader
-from relay.apns import ApnsClient
+from relay.apns.processes import NotificationClient
 from relay.config import Config
 
 __all__ = ["HaltInfo", "Progress", "ProgressLogger", "RunResult", "WakeupRunner"]
@@ -51,12 +51,15 @@ __all__ = ["HaltInfo", "Progress", "ProgressLogger", "RunResult", "WakeupRunner"
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 1.0  # seconds to get the counts of a run whose drain timed out
+# Of `wakeup.drain_timeout`, what the drain leaves for stopping the actors, the connections
+# and the Journal, so that the process is gone within the timeout (they take ~0.1 s).
+STOP_RESERVE = 0.5
 
 
 class WakeupRunner:
     """Runs wakeups one at a time over the caller's Journal, APNs client and Registry."""
 
-    def __init__(self, config: Config, *, dsn: str, journal: Journal, client: ApnsClient,
+    def __init__(self, config: Config, *, dsn: str, journal: Journal, client: NotificationClient,
                  registry: RegistryHandle, rng: random.Random | None = None) -> None:
         self._config, self._dsn = config, dsn
         self._journal, self._client, self._registry, self._rng = journal, client, registry, rng
@@ -104,7 +107,7 @@ class WakeupRunner:
         concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         if done.done():
             return done.result()
-        timeout = self._config.wakeup.drain_timeout
+        timeout = max(0.0, self._config.wakeup.drain_timeout - STOP_RESERVE)
         try:
             return done.result(timeout=timeout)
         except concurrent.futures.TimeoutError:

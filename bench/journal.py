@@ -72,13 +72,14 @@ def scratch_database(admin_dsn: str, prefix: str) -> Iterator[str]:
 
 
 def wakeup_workload(count: int, seed: int = 7) -> list[ev.Event]:
-    """About `count` events: registrations, then a run with a few retries."""
+    """About `count` events: registrations (in arrival order, random), then a run with a
+    few retries, sending in token order as the Dispatcher pages through the devices."""
     rng = random.Random(seed)
     tokens = [f"{rng.getrandbits(256):064x}" for _ in range(max(1, count // 2 - 2))]
     events = [ev.device_registered(t, T0 + i) for i, t in enumerate(tokens)]
     events.append(ev.run_started(1, T0 + 10_000_000, len(tokens)))
     at = T0 + 10_000_001
-    for token in tokens:
+    for token in sorted(tokens):
         if len(events) >= count - 1:
             break
         at += 1

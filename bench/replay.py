@@ -3,10 +3,10 @@
     python -m bench.replay [--dsn SUPERUSER_DSN] [--events 1000000] [--tokens 100000]
 
 Seeds a scratch database (created and dropped; DSN as in bench/journal.py) with a
-realistic log in the canonical format, by bulk COPY (the insert trigger still checks
-every link of the chain), builds the cache tables with `relay rebuild`, then times
-`audit --verify --json` (hash chain, positions, columns against bodies, the fold,
-head and table comparison) and a plain `audit --json`.
+realistic log through `events.journal.append_bulk` (the Journal's format, chain and
+cache tables, 50,000 events per transaction), times `relay rebuild` of the cache
+tables, then `audit --verify --json` (hash chain, positions, columns against bodies,
+the fold, head and table comparison), a plain `audit --json` and `audit --token`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,12 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import psycopg
-
 from bench.journal import scratch_database, server
-from events import codec
 from events import types as ev
 from events.audit import audit_main, rebuild_main
+from events.journal import append_bulk
 
 T0 = 1_760_000_000_000
-SEED_CHUNK = 50_000  # events per COPY statement while seeding
 
 
 def realistic_log(count: int, tokens: int, seed: int = 11) -> Iterator[ev.Event]:
@@ -73,34 +70,6 @@ def realistic_log(count: int, tokens: int, seed: int = 11) -> Iterator[ev.Event]
             emitted += 1
 
 
-def seed(dsn: str, events: Iterator[ev.Event]) -> int:
-    """COPY the events in the canonical format, chunk by chunk; returns the count."""
-    previous = codec.GENESIS_HASH
-    position = 0
-    header = codec.copy_row_header(6)
-    with psycopg.connect(dsn) as conn:
-        while True:
-            rows = [codec.COPY_SIGNATURE]
-            for event in events:
-                position += 1
-                body = codec.canonical_bytes(position, event.type, event.data)
-                previous = codec.chain_hash(previous, body)
-                rows += (header, codec.copy_int8(position), codec.copy_text(event.type),
-                         codec.copy_text(event.data.get("token")),
-                         codec.copy_int8(event.data.get("run")), codec.copy_bytes(body),
-                         codec.copy_bytes(previous))
-                if len(rows) > 7 * SEED_CHUNK:
-                    break
-            if len(rows) == 1:
-                return position
-            rows.append(codec.COPY_TRAILER)
-            with conn.cursor() as cur, cur.copy(
-                    "COPY events (position, type, token, run, body, hash)"
-                    " FROM STDIN (FORMAT BINARY)") as copy:
-                copy.write(b"".join(rows))
-            conn.commit()
-
-
 def timed_audit(dsn: str, argv: list[str]) -> tuple[float, int, dict[str, object]]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -119,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with server(args.dsn) as admin_dsn, scratch_database(admin_dsn, "bench_replay") as dsn:
         start = time.perf_counter()
-        count = seed(dsn, realistic_log(args.events, args.tokens))
+        count = append_bulk(dsn, realistic_log(args.events, args.tokens))
         seeded = time.perf_counter() - start
         with contextlib.redirect_stdout(io.StringIO()):
             start = time.perf_counter()
@@ -127,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             rebuilt = time.perf_counter() - start
         verify_time, status, report = timed_audit(dsn, ["--verify", "--json"])
         plain_time, _, _ = timed_audit(dsn, ["--json"])
-    print(f"{count:,} events, {args.tokens:,} tokens: seeded by COPY in {seeded:.1f} s, "
+        token = next(realistic_log(1, args.tokens)).data["token"]
+        token_time, _, history = timed_audit(dsn, ["--json", "--token", token])
+    print(f"{count:,} events, {args.tokens:,} tokens: seeded by append_bulk in {seeded:.1f} s, "
           f"caches rebuilt in {rebuilt:.1f} s ({count / rebuilt:,.0f} events/s)")
     print(f"audit --verify: {verify_time:6.2f} s = {count / verify_time:10,.0f} events/s "
           f"(exit {status}, verified={report.get('verified')})")
     print(f"audit:          {plain_time:6.2f} s = {count / plain_time:10,.0f} events/s")
+    print(f"audit --token:  {token_time:6.2f} s ({len(history['history'])} events of one token)")
     return 0 if status == 0 else 1
 
 

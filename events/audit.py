@@ -9,7 +9,8 @@ At the end the last event must be the head recorded in `log_head` (a truncated t
 leaves the head pointing past the end), and the cache tables must equal the fold of
 the log (events/projection.py). The first bad position is reported; exit status 1.
 
-Memory: one page of events plus the per-token fold (one small tuple per token).
+Memory: one page of events plus the per-token fold (one small tuple per token); with
+`--verify`, also the `devices` table, read while worker processes replay.
 
 `rebuild` folds the log the same way and rewrites `devices` and `runs` from it in one
 transaction, holding the head lock so no append interleaves.
@@ -27,10 +28,11 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import orjson
 import psycopg
 from psycopg import sql
 
@@ -45,8 +47,8 @@ EXIT_MISMATCH = 1
 EXIT_USAGE = 2
 PAGE_SIZE = 20_000  # events per keyset page
 PARALLEL_MIN_EVENTS = 200_000  # below this, worker processes cost more than they save
-SLICES_PER_JOB = 4  # slices per worker process: a slow slice delays the merge less
 MIN_SLICE = PAGE_SIZE  # events per slice at least
+PROGRESS_REFRESH = 0.2  # seconds between progress updates from worker processes
 PROGRESS_MIN_EVENTS = 200_000  # a bar only for logs long enough to wait for
 MAX_PROBLEMS = 20  # problems listed; the count goes on
 TEXT_RUNS_SHOWN = 20  # the text summary lists the latest runs only
@@ -142,6 +144,26 @@ def _pages(conn: psycopg.Connection[Any], first: int, last: int | None
 _scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
+def _parse_body(body: bytes) -> dict[str, Any] | None:
+    """The JSON object of a body, or None when it is not one JSON object and nothing else.
+
+    orjson reads canonical bytes in under half the time of the standard library (the
+    largest per-event cost of a replay); what it refuses but JSON allows (integers
+    beyond 64 bits) is read by the standard scanner instead.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            text = body.decode()
+            doc, end = _scan(text, 0)
+        except (ValueError, StopIteration):
+            return None
+        if end != len(text):
+            return None
+    return doc if isinstance(doc, dict) else None
+
+
 def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 1,
                  last: int | None = None, verify: bool, until_ms: int | None = None,
                  token: str | None = None, progress: Any = None) -> bool:
@@ -154,19 +176,16 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
     state_apply = result.state.apply
     history = result.history
     sha256 = hashlib.sha256
-    scan = _scan
+    parse = _parse_body
     expected = first
     previous = result.last_hash
     count = 0
     complete = True
     for rows in _pages(conn, first, last):
         for type_, row_token, run, body, stored, row_position in rows:
-            try:
-                doc, end = scan(body.decode(), 0)
-                position = doc["position"]
-            except (ValueError, TypeError, KeyError, StopIteration):
-                position, doc, end = None, {"type": type_, "at": None}, -1
-            if until_ms is not None and doc["at"] is not None and time_ms(doc["at"]) > until_ms:
+            doc = parse(body)
+            if (until_ms is not None and doc is not None and isinstance(at := doc.get("at"), str)
+                    and time_ms(at) > until_ms):
                 complete = False
                 break
             if verify:
@@ -174,28 +193,33 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
                     result.chain_problem(expected, f"events {expected} to {row_position - 1}"
                                          " are missing")
                     expected = row_position
-                if position != row_position:
-                    result.chain_problem(row_position, f"event {row_position}: its body says "
-                                         f"position {position}: rows were moved")
                 if sha256(previous + body).digest() != stored:
                     result.chain_problem(row_position, f"event {row_position}: hash does not match "
                                          "sha256(previous hash || body)")
-                if (doc["type"] != type_ or doc.get("token") != row_token
-                        or doc.get("run") != run or end != len(body)):
+                if doc is None:
+                    result.chain_problem(row_position, f"event {row_position}: its body is not "
+                                         "one JSON object")
+                elif doc.get("position") != row_position:
+                    result.chain_problem(row_position, f"event {row_position}: its body says "
+                                         f"position {doc.get('position')}: rows were moved")
+                elif (doc.get("type") != type_ or doc.get("token") != row_token
+                        or doc.get("run") != run):
                     result.chain_problem(row_position, f"event {row_position}: the type, token "
                                          "or run columns disagree with the body")
             previous = stored
             expected = row_position + 1
             count += 1
-            if end > 0:
+            if doc is not None:
                 state_apply(type_, doc)
-            if token is not None and row_token == token:
-                history.append(doc)
+                if token is not None and row_token == token:
+                    history.append(doc)
         else:
             if progress is not None:
                 progress.update(len(rows))
             continue
         break
+    if verify and complete and last is not None and expected <= last:
+        result.chain_problem(expected, f"events {expected} to {last} are missing")
     result.events += count
     result.last_position, result.last_hash = expected - 1, previous
     return complete
@@ -213,8 +237,11 @@ def replay(conn: psycopg.Connection[Any], *, verify: bool, until_ms: int | None 
 # --- in parallel: slices of positions folded by worker processes ------------------------
 # Each worker reads its slice in the same snapshot (pg_export_snapshot), checks its part
 # of the chain starting from the stored hash before the slice (the slice before checks
-# that hash), and folds it into a patch (projection.State(patch=True)); the patches are
-# merged in order. Processes, not threads: the work is Python, held by the GIL.
+# that hash; each row's link needs only the stored hash before it), and folds it: the
+# first slice into the state, the others into patches (projection.State(patch=True))
+# merged in order. One slice per worker: every slice of a long log touches most tokens,
+# so each extra slice costs a merge and a transfer of that many rows. Processes, not
+# threads: the work is Python, held by the GIL.
 
 
 @dataclass
@@ -228,18 +255,41 @@ class _Slice:
     token: str | None
 
 
+class _SharedProgress:
+    """`progress.update` inside a worker: adds to a counter the parent shows."""
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+
+    def update(self, events: int) -> None:
+        with self._counter.get_lock():
+            self._counter.value += events
+
+
+_worker_progress: _SharedProgress | None = None
+
+
+def _start_worker(counter: Any) -> None:
+    global _worker_progress
+    _worker_progress = _SharedProgress(counter)
+
+
 def _replay_slice(job: _Slice) -> tuple[Replay, bool]:
     with connect(job.dsn, application_name="relay-audit-worker") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(job.snapshot)))
-        result = Replay(state=State(patch=True))
+        result = Replay(state=State(patch=job.first > 1))
         if job.first > 1:
-            row = conn.execute("SELECT hash FROM events WHERE position = %s",
-                               (job.first - 1,), binary=True).fetchone()
-            if row is not None:  # else: the previous slice reports the missing row
+            # The last row before the slice, as a replay from the start would have it
+            # (if rows are missing there, the previous slice reports them).
+            row = conn.execute("SELECT hash FROM events WHERE position < %s"
+                               " ORDER BY position DESC LIMIT 1", (job.first,),
+                               binary=True).fetchone()
+            if row is not None:
                 result.last_hash = row[0]
         complete = replay_range(conn, result, first=job.first, last=job.last,
-                                verify=job.verify, until_ms=job.until_ms, token=job.token)
+                                verify=job.verify, until_ms=job.until_ms, token=job.token,
+                                progress=_worker_progress)
         return result, complete
 
 
@@ -252,19 +302,37 @@ def _workers_can_start() -> bool:
 
 def replay_parallel(conn: psycopg.Connection[Any], dsn: str, jobs: int, *, verify: bool,
                     until_ms: int | None = None, token: str | None = None,
-                    progress: Any = None) -> Replay:
-    """`replay` with `jobs` worker processes; `conn` must be in the snapshot to share."""
+                    progress: Any = None, meanwhile: Callable[[], None] | None = None
+                    ) -> Replay:
+    """`replay` with `jobs` worker processes; `conn` must be in the snapshot to share.
+    `meanwhile` runs in this process while the workers replay."""
     row = conn.execute("SELECT pg_export_snapshot(), (SELECT max(position) FROM events)"
                        ).fetchone()
     assert row is not None
     snapshot, end = row[0], row[1] or 0
-    size = max(MIN_SLICE, -(-end // (jobs * SLICES_PER_JOB)))
+    size = max(MIN_SLICE, -(-end // jobs))
     slices = [_Slice(dsn, snapshot, first, min(first + size - 1, end), verify, until_ms, token)
               for first in range(1, end + 1, size)]
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("q", 0)
     result = Replay()
-    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        for part, complete in pool.imap(_replay_slice, slices):
-            result.state.merge(part.state)
+    with context.Pool(min(jobs, len(slices)) or 1, _start_worker, (counter,)) as pool:
+        parts = pool.imap(_replay_slice, slices)
+        if meanwhile is not None:
+            meanwhile()
+        shown = 0
+        for job in slices:
+            while True:
+                try:
+                    part, complete = parts.next(PROGRESS_REFRESH if progress else None)
+                    break
+                except multiprocessing.TimeoutError:
+                    progress.update(counter.value - shown)
+                    shown = counter.value
+            if job.first == 1:
+                result.state = part.state
+            else:
+                result.state.merge(part.state)
             for problem in part.chain_problems:
                 result.chain_problem(problem.position, problem.what)
             result.chain_problem_count += part.chain_problem_count - len(part.chain_problems)
@@ -272,11 +340,11 @@ def replay_parallel(conn: psycopg.Connection[Any], dsn: str, jobs: int, *, verif
             result.events += part.events
             if part.events:
                 result.last_position, result.last_hash = part.last_position, part.last_hash
-            if progress is not None:
-                progress.update(part.events)
             if not complete:
                 pool.terminate()
                 break
+        if progress is not None:
+            progress.update(counter.value - shown)
     return result
 
 
@@ -300,22 +368,27 @@ def check_head(cur: psycopg.Cursor[Any], result: Replay) -> None:
                              f"{head_position}'s")
 
 
-def check_tables(cur: psycopg.Cursor[Any], result: Replay) -> None:
+def device_rows(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+    """Every row of the devices cache, for `check_tables`."""
+    return cur.execute(f"SELECT token, {', '.join(projection.DEVICE_COLUMNS)} FROM devices",
+                       binary=True).fetchall()
+
+
+def check_tables(cur: psycopg.Cursor[Any], result: Replay,
+                 devices_table: Iterable[tuple[Any, ...]]) -> None:
     """The cache tables must equal the fold; each difference names the last event that
-    decided the row. Consumes the fold's devices (rows are dropped once compared)."""
+    decided the row. `devices_table` is `device_rows` read in the replay's snapshot.
+    Consumes the fold's devices (rows are dropped once compared)."""
     devices = result.state.devices
     differences: list[tuple[str, Any, str]] = []  # (column to look up, value, problem)
-    columns = ", ".join(projection.DEVICE_COLUMNS)
-    with cur.copy(f"COPY (SELECT token, {columns} FROM devices) TO STDOUT (FORMAT BINARY)") as cp:
-        cp.set_types(DEVICE_COPY_TYPES)
-        for token, *values in cp.rows():
-            expected: DeviceRow | None = devices.pop(token, None)
-            if expected is None:
-                differences.append(("token", token, f"devices has a row for {token} "
-                                    "that the log never made"))
-            elif tuple(values) != expected:
-                differences.append(("token", token, f"devices row for {token} is "
-                                    f"{_named(values)}, the log says {_named(expected)}"))
+    for token, *values in devices_table:
+        expected: DeviceRow | None = devices.pop(token, None)
+        if expected is None:
+            differences.append(("token", token, f"devices has a row for {token} "
+                                "that the log never made"))
+        elif tuple(values) != expected:
+            differences.append(("token", token, f"devices row for {token} is "
+                                f"{_named(values)}, the log says {_named(expected)}"))
     differences += [("token", token, f"devices lacks the row for {token}")
                     for token in devices]
     devices.clear()
@@ -432,14 +505,23 @@ def audit_main(dsn: str, argv: list[str]) -> int:
                 if not _workers_can_start():
                     jobs = 1
                 progress = _progress(total, sys.stderr.isatty())
+                check_all = args.verify and args.until is None
+                devices_table: list[tuple[Any, ...]] = []
+
+                def read_devices_table() -> None:
+                    devices_table.extend(device_rows(cur))
+
                 try:
                     if jobs > 1:
-                        result = replay_parallel(conn, dsn, jobs, verify=args.verify,
-                                                 until_ms=args.until, token=token,
-                                                 progress=progress)
+                        result = replay_parallel(
+                            conn, dsn, jobs, verify=args.verify, until_ms=args.until,
+                            token=token, progress=progress,
+                            meanwhile=read_devices_table if check_all else None)
                     else:
                         result = replay(conn, verify=args.verify, until_ms=args.until,
                                         token=token, progress=progress)
+                        if check_all:
+                            read_devices_table()
                 finally:
                     if progress is not None:
                         progress.close()
@@ -447,7 +529,7 @@ def audit_main(dsn: str, argv: list[str]) -> int:
             if args.verify:
                 if args.until is None:
                     check_head(cur, result)
-                    check_tables(cur, result)
+                    check_tables(cur, result, devices_table)
                 else:
                     _check_prefix_against_head(cur, result)
     if args.verify:

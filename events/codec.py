@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import secrets
 import struct
 from collections.abc import Mapping
@@ -36,6 +37,16 @@ RESERVED_KEYS = frozenset({"position", "type"})
 _encoder = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
+# The C encoder `_encoder.encode` builds afresh on every call, built once: a third of
+# the cost of encoding a small event, paid by every appender. Same output; without
+# circular-reference markers (event data is flat; a cycle ends in RecursionError).
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_c_encode = _c_make_encoder and _c_make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+
+
+def _canonical_json(document: Mapping[str, Any]) -> str:
+    return "".join(_c_encode(document, 0)) if _c_encode else _encoder.encode(document)
 
 
 class EventEncodingError(ValueError):
@@ -46,9 +57,9 @@ def check_event(event: Event) -> None:
     """Refuse, in the appender's thread, what could never be written (JSON: see template)."""
     if event.type not in EVENT_TYPES:
         raise EventEncodingError(f"unknown event type {event.type!r}")
-    clash = RESERVED_KEYS.intersection(event.data)
-    if clash:
-        raise EventEncodingError(f"event data may not use the key(s) {sorted(clash)}")
+    if not RESERVED_KEYS.isdisjoint(event.data):
+        clash = sorted(RESERVED_KEYS.intersection(event.data))
+        raise EventEncodingError(f"event data may not use the key(s) {clash}")
     token, run = event.data.get("token"), event.data.get("run")
     if token is not None and (not isinstance(token, str) or "\x00" in token):
         raise EventEncodingError(f"{event.type}: token must be a string without NUL")
@@ -80,8 +91,8 @@ def template(type_: str, data: Mapping[str, Any]) -> tuple[bytes, bytes]:
     document["position"] = _MARKER
     document["type"] = type_
     try:
-        encoded = _encoder.encode(document).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+        encoded = _canonical_json(document).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise EventEncodingError(f"{type_} data is not canonical JSON: {exc}") from None
     parts = encoded.split(_MARKED)
     if len(parts) == 2:

@@ -7,8 +7,9 @@ request for more to arrive) and writes it in ONE transaction:
 
     lock the head row (FOR UPDATE)  -> positions head+1.. and the previous hash
     COPY the events (binary)        -> the insert trigger moves the head and checks
-                                       the batch is contiguous and chained
-    fold the batch onto the cache tables (events/projection.py), set-based
+                                       the batch is contiguous and continues the chain
+    COPY the batch's patch of the cache tables (events/projection.py), then in one
+    pipelined round trip: MERGE it into devices, upsert the runs,
     record the batch id             -> journal_batches
     COMMIT                          -> then, and only then, resolve the futures
 
@@ -29,21 +30,23 @@ absent, it never committed and is written now. No event is duplicated or lost.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
+import struct
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
 from events import codec, projection
-from events.types import Event
+from events.types import EVENT_TYPES, Event
 from relay import metrics
 from relay.database import connect
 
@@ -67,8 +70,16 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
 BATCH_RETENTION = "7 days"
 PRUNE_EVERY = 1000
 
+# Events per transaction of `append_bulk`.
+BULK_CHUNK = 50_000
+# Events per chunk written to the COPY stream (about 45 KB): the server stores one
+# chunk while the writer hashes the next.
+COPY_CHUNK_EVENTS = 128
 _COPY_EVENTS = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
-_ROW_HEADER = codec.copy_row_header(6)
+_ROW_START = struct.Struct(">hiq").pack  # 6 fields, then the position (8 bytes)
+_INT4 = struct.Struct(">i").pack
+_HASH_LENGTH = _INT4(32)
+_TYPE_FIELDS = {type_: codec.copy_text(type_) for type_ in EVENT_TYPES}
 
 
 class JournalStopped(RuntimeError):
@@ -79,8 +90,7 @@ class JournalError(RuntimeError):
     """The database refused the batch for a reason retrying cannot cure (a bug, or tampering)."""
 
 
-@dataclass
-class _Encoded:
+class _Encoded(NamedTuple):
     type: str
     data: Any
     prefix: bytes  # canonical bytes before the position's digits
@@ -100,6 +110,63 @@ def _is_transient(exc: psycopg.Error) -> bool:
         return True
     state = exc.sqlstate or ""
     return state[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int,
+                 previous: bytes) -> tuple[int, projection.BatchPatch]:
+    """COPY events after the locked head (position `head`, hash `previous`); returns the
+    last position and the batch's patch of the cache tables, still to be applied."""
+    position = head
+    sha256, start, int4 = codec.chain_hash, _ROW_START, _INT4
+    with cur.copy(_COPY_EVENTS) as copy:
+        # Sent chunk by chunk as the chain is computed, and the projection patch
+        # folded before the copy ends: the server stores rows meanwhile.
+        rows = [codec.COPY_SIGNATURE]
+        for event in events:
+            position += 1
+            body = b"%s%d%s" % (event.prefix, position, event.suffix)
+            previous = sha256(previous, body)
+            rows += (start(6, 8, position), event.columns, int4(len(body)), body,
+                     _HASH_LENGTH, previous)
+            if len(rows) >= 6 * COPY_CHUNK_EVENTS:  # 6 parts per event
+                copy.write(b"".join(rows))
+                rows.clear()
+        rows.append(codec.COPY_TRAILER)
+        copy.write(b"".join(rows))
+        patch = projection.BatchPatch((event.type, event.data) for event in events)
+    return position, patch
+
+
+def _encode(event: Event) -> _Encoded:
+    """Checked and encoded in the appender's thread: canonical bytes around the position."""
+    codec.check_event(event)
+    prefix, suffix = codec.template(event.type, event.data)
+    columns = (_TYPE_FIELDS[event.type] + codec.copy_text(event.data.get("token"))
+               + codec.copy_int8(event.data.get("run")))
+    return _Encoded(event.type, event.data, prefix, suffix, columns)
+
+
+def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -> int:
+    """Append many events at once (seeding a log, benchmarks); returns how many.
+
+    The Journal's format, chain, head lock and cache tables, `chunk` events per
+    transaction, without group commit or retries. Safe next to a running Journal (the
+    head lock orders them); a failure leaves the chunks committed before it.
+    """
+    appended = 0
+    with connect(dsn, application_name="relay-append-bulk") as conn:
+        projection.prepare(conn)
+        encoded = (_encode(event) for event in events)
+        while batch := list(itertools.islice(encoded, chunk)):
+            with conn.cursor() as cur:
+                row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+                assert row is not None, "log_head has exactly one row"
+                _, patch = _copy_events(cur, batch, row[0], row[1])
+                patch.copy(cur)
+                patch.merge(cur)
+            conn.commit()
+            appended += len(batch)
+    return appended
 
 
 class Journal:
@@ -133,7 +200,7 @@ class Journal:
         """
         future: Future[list[int]] = Future()
         try:
-            encoded = [self._encode(event) for event in events]
+            encoded = [_encode(event) for event in events]
         except codec.EventEncodingError as exc:
             future.set_exception(exc)
             return future
@@ -169,14 +236,6 @@ class Journal:
                                              "were committed"))
 
     # --- the writer thread ------------------------------------------------------------
-
-    @staticmethod
-    def _encode(event: Event) -> _Encoded:
-        codec.check_event(event)
-        prefix, suffix = codec.template(event.type, event.data)
-        columns = (codec.copy_text(event.type) + codec.copy_text(event.data.get("token"))
-                   + codec.copy_int8(event.data.get("run")))
-        return _Encoded(event.type, event.data, prefix, suffix, columns)
 
     def _run(self) -> None:
         try:
@@ -262,28 +321,20 @@ class Journal:
                     conn.rollback()
                     log.info("batch %s had committed before the connection was lost", batch_id)
                     return int(found[0])
+            events = [event for request in batch for event in request.events]
             first = head + 1
-            position = head
-            rows = [codec.COPY_SIGNATURE]
-            sha256, int8, field = codec.chain_hash, codec.copy_int8, codec.copy_bytes
-            for request in batch:
-                for event in request.events:
-                    position += 1
-                    body = b"%s%d%s" % (event.prefix, position, event.suffix)
-                    previous = sha256(previous, body)
-                    rows += (_ROW_HEADER, int8(position), event.columns, field(body),
-                             field(previous))
-            rows.append(codec.COPY_TRAILER)
-            with cur.copy(_COPY_EVENTS) as copy:
-                copy.write(b"".join(rows))
-            projection.apply_batch(cur, [(e.type, e.data) for r in batch for e in r.events])
-            cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
-                        " VALUES (%s, %s, %s)", (batch_id, first, position))
-            self._batches += 1
-            if self._batches % PRUNE_EVERY == 0:
-                cur.execute("DELETE FROM journal_batches WHERE committed_at < now() - %s::interval",
-                            (BATCH_RETENTION,))
-        conn.commit()
+            position, patch = _copy_events(cur, events, head, previous)
+            patch.copy(cur)
+            # The rest returns nothing: one round trip up to and including COMMIT.
+            with conn.pipeline():
+                patch.merge(cur)
+                cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
+                            " VALUES (%s, %s, %s)", (batch_id, first, position))
+                self._batches += 1
+                if self._batches % PRUNE_EVERY == 0:
+                    cur.execute("DELETE FROM journal_batches"
+                                " WHERE committed_at < now() - %s::interval", (BATCH_RETENTION,))
+                conn.commit()
         return first
 
     def _pause(self, delay: float) -> bool:

@@ -1,8 +1,9 @@
 """`python -m relay` (also `apns-relay`): the supervisor and the operator commands.
 
-Exit statuses: 0 done; 1 the audit found a mismatch, or a runtime failure;
-2 bad configuration or usage; 9 APNs reported a relay bug or a configuration
-error (a `relay_halted` event says which and why).
+Exit statuses: 0 done (also after SIGTERM/SIGINT drained a run); 1 the audit
+found a mismatch, a runtime failure, or crashes came faster than the supervisor
+may restart them; 2 bad configuration or usage; 9 APNs reported a relay bug or a
+configuration error (a `relay_halted` event says which and why).
 """
 
 from __future__ import annotations

@@ -102,6 +102,7 @@ class ApnsConfig:
     cert_file: Path | None = None
     cert_key_file: Path | None = None
     connections: int = 1
+    processes: int = 0
     connect_timeout: float = 10.0
     request_timeout: float = 30.0
     idle_ping: float = 3600.0
@@ -261,6 +262,7 @@ _PARSERS: dict[str, dict[str, Parser]] = {
         "cert_file": _optional(_existing_file),
         "cert_key_file": _optional(_existing_file),
         "connections": _int_at_least(1),
+        "processes": _int_at_least(0),
         "connect_timeout": _duration_at_least(0.001),
         "request_timeout": _duration_at_least(0.001),
         "idle_ping": _duration_at_least(1),

@@ -57,6 +57,7 @@ def apns(config: Config) -> Iterator[ApnsConfig]:
     )
     try:
         yield replace(simulated, connections=config.apns.connections,
+                      processes=config.apns.processes,
                       connect_timeout=config.apns.connect_timeout,
                       request_timeout=config.apns.request_timeout,
                       idle_ping=config.apns.idle_ping)

@@ -1,14 +1,21 @@
 """The supervisor: starts the parts in dependency order, runs wakeups, stops in reverse.
 
 Order (DESIGN.md "Supervision"): Journal, Registry, APNs client, wakeup runner,
-HTTP API; stopped in reverse. A crashed Registry is restarted with back-off;
-restarts that come too fast end the process with a non-zero status so that the
-service manager restarts it whole (state is rebuilt from the log in seconds).
+HTTP API; stopped in reverse. Two things can crash while the process runs: the
+Registry actor, and a wakeup run (its Dispatcher or a Sender shard). Either is
+restarted after a back-off that doubles with every recent restart; a restarted
+run resumes from the log. Crashes that come faster than `RestartPolicy` allows
+mean restarting the part does not help, so the process stops cleanly with status
+1 and the service manager restarts it whole (state is rebuilt from the log in
+seconds). The database being away is not a crash: it is waited out with jitter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import random
 import signal
 import sys
 import threading
@@ -17,14 +24,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
+
+import psycopg
 
 from actors import ProgressLogger, RegistryHandle, RunResult, WakeupRunner
-from actors.dispatcher import Progress
+from actors.dispatcher import Progress, ProgressCallback
 from events.audit import audit_main, rebuild_main
+from events.journal import RETRY_MAX as DB_RETRY_MAX
+from events.journal import RETRY_MIN as DB_RETRY_MIN
 from events.journal import Journal
 from events.store import LogReader
 from relay import environment
-from relay.apns import ApnsClient
+from relay.apns.processes import NotificationClient, open_client
 from relay.config import Config
 from relay.database import DatabaseError, connect
 
@@ -32,12 +44,47 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_HALTED = 0, 1, 9
 JOURNAL_STOP_TIMEOUT = 30.0
-# More restarts than this within the window escalate to a process exit.
-MAX_RESTARTS = 5
-RESTART_WINDOW = 60.0
-RESTART_BACKOFF = 1.0
-WATCH_INTERVAL = 1.0
 RUN_LOCK_KEY = 0x72756E73  # "runs"
+# How often a process waiting for another's run lock asks again (and notices a stop).
+RUN_LOCK_POLL = 0.5
+# The hard exit after SIGTERM/SIGINT comes this much before `wakeup.drain_timeout` runs out,
+# so that the process is gone within it even counting the exit itself.
+EXIT_MARGIN = 0.1
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How crashes are met: restart with back-off, or give up when they come too fast.
+
+    `max_restarts` restarts within `window` seconds are allowed, across all parts
+    (as an OTP supervisor's intensity and period); the next crash in the window
+    ends the process. The pause before a restart is `backoff` doubled for each
+    restart still in the window, so a part that crashes at once is not spun.
+    """
+
+    max_restarts: int = 5
+    window: float = 60.0
+    backoff: float = 1.0
+    check_every: float = 1.0  # how often the Registry's liveness is checked
+
+
+class RestartBudget:
+    """The restarts within the policy's window: the pause before the next one, or None."""
+
+    def __init__(self, policy: RestartPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy, self._clock = policy, clock
+        self._restarts: list[float] = []
+
+    def next_pause(self) -> float | None:
+        """Account for one restart: its pause, or None when the budget is spent."""
+        now = self._clock()
+        policy = self._policy
+        self._restarts = [t for t in self._restarts if now - t < policy.window]
+        if len(self._restarts) >= policy.max_restarts:
+            return None
+        pause = policy.backoff * 2.0 ** len(self._restarts)
+        self._restarts.append(now)
+        return pause
 
 
 @dataclass
@@ -46,7 +93,7 @@ class Parts:
 
     journal: Journal
     registry: RegistryHandle
-    client: ApnsClient
+    client: NotificationClient
     runner: WakeupRunner
 
 
@@ -59,7 +106,7 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
         try:
             registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
             try:
-                client = ApnsClient(apns_config, expiration=config.wakeup.interval)
+                client = open_client(apns_config, expiration=config.wakeup.interval)
                 client.start()
                 try:
                     runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client,
@@ -74,22 +121,58 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
 
 
 @contextmanager
-def run_lock(dsn: str) -> Iterator[None]:
+def run_lock(dsn: str, stopping: threading.Event) -> Iterator[bool]:
     """Hold the database-wide run lock: one relay process drives a run at a time.
 
     Without it, `relay wakeup` started beside a supervisor in the middle of a run
     would resume that same run and send its tokens twice. A session-level advisory
-    lock is released by PostgreSQL when the holder dies, so a crash never leaves it held.
+    lock is released by PostgreSQL when the holder dies, so a crash never leaves it
+    held. Yields False (run nothing) when `stopping` is set before the lock is ours.
     """
-    with connect(dsn, autocommit=True) as conn:
-        acquired = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
-        if not (acquired and acquired[0]):
-            log.info("another relay process is running a wakeup; waiting for it to finish")
-            conn.execute("SELECT pg_advisory_lock(%s)", (RUN_LOCK_KEY,))
-        try:
-            yield
-        finally:
+    conn = _take_run_lock(dsn, stopping)
+    if conn is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        # A session lost meanwhile (database restart) has released the lock already.
+        with contextlib.suppress(psycopg.Error):
             conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+        conn.close()
+
+
+def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[Any] | None:
+    """The connection holding the run lock; waits out the database and other holders."""
+    delay = DB_RETRY_MIN
+    told = False
+    while not stopping.is_set():
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            conn = connect(dsn, autocommit=True)
+            while not stopping.is_set():
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
+                if row and row[0]:
+                    held, conn = conn, None
+                    return held
+                if not told:
+                    log.info("another relay process is running a wakeup; waiting for it to end")
+                    told = True
+                stopping.wait(RUN_LOCK_POLL)
+        except psycopg.OperationalError as exc:
+            log.warning("cannot reach the database to start a run (%s); retrying in %.1fs",
+                        _first_line(exc), delay)
+            stopping.wait(delay)
+            delay = min(DB_RETRY_MAX, random.uniform(DB_RETRY_MIN, delay * 3))
+        finally:
+            if conn is not None:
+                conn.close()
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _exit_status(result: RunResult) -> int:
@@ -101,55 +184,105 @@ def _exit_status(result: RunResult) -> int:
     return EXIT_OK
 
 
-def _progress_bar() -> tuple[ProgressLogger | None, object]:
-    """A tqdm bar on a terminal, else log lines."""
-    if not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
+class ProgressBar:
+    """A tqdm bar on the terminal for `relay wakeup`: tokens done of the run's total.
 
-    bar = tqdm(unit="token", desc="wakeup")
+    While it shows, log lines are written through tqdm so they do not break the bar.
+    """
 
-    def update(progress: Progress) -> None:
-        bar.total = progress.total
-        bar.update(progress.done - bar.n)
+    def __init__(self) -> None:
+        from tqdm import tqdm
 
-    return update, bar  # type: ignore[return-value]
+        self._bar = tqdm(unit="token", desc="wakeup")
+
+    def __call__(self, progress: Progress) -> None:
+        self._bar.total = progress.total
+        self._bar.update(progress.done - self._bar.n)
+
+    @contextmanager
+    def showing(self) -> Iterator[None]:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+                yield
+        finally:
+            self._bar.close()
 
 
 def wakeup_once(config: Config, dsn: str) -> int:
     """`python -m relay wakeup`: one run, retries included; 9 on a halt."""
     with running_parts(config, dsn) as parts:
-        _install_signal_handlers(parts.runner.request_stop)
-        bar_callback, bar = _progress_bar()
-        callback = bar_callback or ProgressLogger(config.wakeup.progress_interval)
-        with run_lock(dsn):
-            result = parts.runner.run_once(progress=callback)
-        if bar is not None:
-            bar.close()  # type: ignore[attr-defined]
+        stopping = threading.Event()
+
+        def stop() -> None:
+            stopping.set()
+            parts.runner.request_stop()
+
+        _install_signal_handlers(stop, config.wakeup.drain_timeout)
+        bar = ProgressBar() if sys.stderr.isatty() else None
+        progress: ProgressCallback = bar or ProgressLogger(config.wakeup.progress_interval)
+        shown = bar.showing() if bar is not None else contextlib.nullcontext()
+        with shown, run_lock(dsn, stopping) as locked:
+            result = parts.runner.run_once(progress=progress) if locked else None
+        if result is None:
+            log.info("wakeup: stopped before the run started")
+            return EXIT_OK
         log.info("wakeup: %s", result)
         return _exit_status(result)
 
 
-def _install_signal_handlers(on_signal: Callable[[], None]) -> None:
-    """SIGTERM and SIGINT drain in-flight sends instead of killing them."""
+def _install_signal_handlers(on_signal: Callable[[], None], drain_timeout: float) -> None:
+    """SIGTERM and SIGINT drain in-flight sends instead of killing them, within a deadline.
+
+    The runner bounds the drain itself (`wakeup.drain_timeout` less a reserve for stopping
+    the parts). The first signal also arms a hard deadline for everything after it, such
+    as the Journal flushing to a database that has just gone away: at the drain timeout the
+    process exits on the spot. That is as safe as a crash, which the log is built for:
+    whatever is not committed by then is sent again at the next start, and no registration
+    was acknowledged before its COMMIT.
+    """
+    armed = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: draining in-flight sends", signal.Signals(signum).name)
+        if not armed.is_set():
+            armed.set()
+            deadline = threading.Timer(max(0.0, drain_timeout - EXIT_MARGIN), _exit_at_deadline,
+                                       args=(drain_timeout,))
+            deadline.daemon = True
+            deadline.start()
         on_signal()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
 
 
-class Supervisor:
-    """Serves the API and runs a wakeup at start and then every `wakeup.interval`."""
+def _exit_at_deadline(drain_timeout: float) -> None:
+    log.warning("still stopping %.1fs after the signal (wakeup.drain_timeout): exiting now; "
+                "what is not recorded is sent again at the next start", drain_timeout)
+    for stream in (sys.stderr, sys.stdout):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_OK)
 
-    def __init__(self, config: Config, dsn: str, parts: Parts) -> None:
+
+class Supervisor:
+    """Serves the API, runs a wakeup at start and then every `wakeup.interval`, restarts crashes.
+
+    Runs happen one after another on one worker thread, so a run still in progress
+    is never started twice by this process; `run_lock` covers other processes.
+    """
+
+    def __init__(self, config: Config, dsn: str, parts: Parts,
+                 policy: RestartPolicy | None = None) -> None:
         self.config, self.dsn, self.parts = config, dsn, parts
+        self.policy = policy or RestartPolicy()
         self.stopping = threading.Event()
         self.exit_status = EXIT_OK
+        self._budget = RestartBudget(self.policy)
+        self._budget_lock = threading.Lock()
         self._worker = threading.Thread(target=self._wakeups, name="wakeup-worker", daemon=True)
-        self._restarts: list[float] = []
 
     def database_available(self) -> bool:
         return self.parts.journal.database_available
@@ -158,8 +291,22 @@ class Supervisor:
         return self._worker.is_alive()
 
     def stop(self) -> None:
+        """Drain and stop (SIGTERM, SIGINT); safe from any thread."""
         self.stopping.set()
         self.parts.runner.request_stop()
+
+    def _restart_pause(self, what: str) -> float | None:
+        """The pause before restarting `what`; None (and a stop with status 1) when too fast."""
+        with self._budget_lock:
+            pause = self._budget.next_pause()
+        if pause is None:
+            policy = self.policy
+            log.critical("%s crashed once more after %d restarts within %.0fs: exiting so "
+                         "that the service manager restarts the relay", what,
+                         policy.max_restarts, policy.window)
+            self.exit_status = EXIT_FAILURE
+            self.stop()
+        return pause
 
     def _wakeups(self) -> None:
         """One run at a time: the next starts `interval` after the previous one started."""
@@ -167,37 +314,38 @@ class Supervisor:
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
-                with run_lock(self.dsn):
-                    result = self.parts.runner.run_once(progress=progress)
+                with run_lock(self.dsn, self.stopping) as locked:
+                    result = self.parts.runner.run_once(progress=progress) if locked else None
             except Exception:
-                log.exception("wakeup run failed; retrying at the next interval")
-            else:
-                if result.halted is not None:
-                    self.exit_status = _exit_status(result)
-                    self.stopping.set()
+                log.exception("the wakeup run crashed")
+                pause = self._restart_pause("the wakeup run")
+                if pause is None:
                     return
+                log.warning("resuming the wakeup run in %.1fs", pause)
+                self.stopping.wait(pause)
+                continue
+            if result is not None and result.halted is not None:
+                self.exit_status = _exit_status(result)
+                self.stop()
+                return
             delay = self.config.wakeup.interval - (time.monotonic() - started)
             self.stopping.wait(max(0.0, delay))
 
     def _watch(self) -> None:
         """Restart a crashed Registry with back-off; too many restarts escalate."""
-        while not self.stopping.wait(WATCH_INTERVAL):
+        while not self.stopping.wait(self.policy.check_every):
             if self.parts.registry.alive():
                 continue
-            now = time.monotonic()
-            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
-            if len(self._restarts) >= MAX_RESTARTS:
-                log.critical("the Registry crashed %d times within %.0fs: exiting so the "
-                             "service manager restarts the relay", MAX_RESTARTS, RESTART_WINDOW)
-                self.exit_status = EXIT_FAILURE
-                self.stop()
+            pause = self._restart_pause("the Registry")
+            if pause is None:
                 return
-            time.sleep(RESTART_BACKOFF * 2 ** len(self._restarts))
-            log.warning("restarting the crashed Registry")
-            self._restarts.append(now)
+            log.warning("the Registry crashed; restarting it in %.1fs", pause)
+            if self.stopping.wait(pause):
+                return
             self.parts.registry.restart()
 
     def run(self) -> int:
+        """Serve until stopped, halted or escalated; returns the exit status."""
         from relay.api import ApiServer
 
         api = ApiServer(self.config, self.parts.registry, self)
@@ -228,7 +376,7 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
                 return wakeup_once(config, dsn)
             with running_parts(config, dsn) as parts:
                 supervisor = Supervisor(config, dsn, parts)
-                _install_signal_handlers(supervisor.stop)
+                _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
                 return supervisor.run()
     except DatabaseError as exc:
         log.critical("%s", exc)

@@ -19,8 +19,9 @@ from apns_fixtures import TOPIC, SimulatorFactory, running_client, token
 from relay import metrics
 from relay.apns import ApnsClient, ApnsResult, Verdict
 from relay.apns.client import RECONNECT_BASE, RECONNECT_MAX, reconnect_delay
+from relay.apns.connection import STREAM_CULL_INTERVAL
 from relay.config import ApnsConfig
-from relay.simulator import Action, ScriptedOutcome
+from relay.simulator import Action, ApnsSimulator, ScriptedOutcome
 from relay.simulator.credentials import CertificateAuthority, write_signing_key
 
 simulator_factory = apns_fixtures.simulator_factory  # the fixture, visible to pytest here
@@ -232,7 +233,9 @@ def test_rst_stream(simulator_factory: SimulatorFactory) -> None:
     assert (reset.status, reset.reason, reset.verdict) == (None, "StreamReset",
                                                            Verdict.TRANSIENT)
     assert refused.status == 200, "a refused stream was not processed: sent again"
-    assert [r.token for r in simulator.requests].count(token(2)) == 2
+    attempts = [r for r in simulator.requests if r.token == token(2)]
+    assert len(attempts) == 2
+    assert attempts[0].header("apns-id") == attempts[1].header("apns-id") == refused.apns_id
 
 
 def test_idle_connections_are_pinged(simulator_factory: SimulatorFactory) -> None:
@@ -247,12 +250,16 @@ def test_idle_connections_are_pinged(simulator_factory: SimulatorFactory) -> Non
 def test_connections_are_reused_and_spread(simulator_factory: SimulatorFactory) -> None:
     simulator, config = simulator_factory(config={"connections": 2}, latency=0.01)
     with running_client(config) as client:
+        time.sleep(0.2)
+        assert simulator.connections_opened == 0, "connections open lazily"
         assert client.send(token(0), new_id()).result(WAIT).status == 200
         assert all(r.status == 200 for r in send_all(client, [token(n) for n in range(200)]))
         assert all(r.status == 200 for r in send_all(client, [token(n) for n in range(200)]))
     assert simulator.connections_opened == 2
     per_connection = Counter(r.connection for r in simulator.requests)
     assert len(per_connection) == 2 and min(per_connection.values()) > 20
+    assert len({r.header("authorization") for r in simulator.requests}) == 1, (
+        "one provider token for every connection")
 
 
 def test_expired_provider_token_is_renewed_once(simulator_factory: SimulatorFactory) -> None:
@@ -314,16 +321,39 @@ def test_jwt_is_never_reminted_within_20_minutes(simulator_factory: SimulatorFac
     assert max(gaps) <= 51 * MINUTE
 
 
+def _certificate_config(simulator: ApnsSimulator, cert_file: Path, key_file: Path) -> ApnsConfig:
+    return ApnsConfig(endpoint=simulator.url, ca_file=simulator.ca_file, topic=TOPIC,
+                      cert_file=cert_file, cert_key_file=key_file)
+
+
 def test_certificate_auth(tmp_path: Path, simulator_factory: SimulatorFactory) -> None:
     authority = CertificateAuthority(tmp_path)
-    client_cert = authority.issue("client", "org.example.wallet", client=True)
+    good = authority.issue_push_certificate("good", TOPIC)
     simulator, _ = simulator_factory(client_ca=authority.ca_file)
-    config = ApnsConfig(endpoint=simulator.url, ca_file=simulator.ca_file, topic=TOPIC,
-                        cert_file=client_cert.cert_file, cert_key_file=client_cert.key_file)
-    with running_client(config) as client:
-        assert client.send(token(1), new_id()).result(WAIT).status == 200
-    [request] = simulator.requests
-    assert request.header("authorization") is None
+    with running_client(_certificate_config(simulator, good.cert_file, good.key_file)) as client:
+        results = send_all(client, [token(n) for n in range(5)])
+    assert all(r.verdict is Verdict.DELIVERED for r in results)
+    assert all(r.header("authorization") is None for r in simulator.requests)
+    assert simulator.stream_limit_violations == 0
+
+
+@pytest.mark.parametrize(("bundle_id", "environments", "answer"), [
+    ("org.example.other", ("production",), (400, "TopicDisallowed")),
+    (TOPIC, ("sandbox",), (403, "BadCertificateEnvironment")),
+    (None, ("production",), (403, "BadCertificate")),  # no bundle id in the subject
+])
+def test_certificate_auth_checks_topic_and_environment(
+        tmp_path: Path, simulator_factory: SimulatorFactory, bundle_id: str | None,
+        environments: tuple[str, ...], answer: tuple[int, str]) -> None:
+    authority = CertificateAuthority(tmp_path)
+    if bundle_id is None:
+        cert = authority.issue("plain", TOPIC, client=True)
+    else:
+        cert = authority.issue_push_certificate("cert", bundle_id, environments)
+    simulator, _ = simulator_factory(client_ca=authority.ca_file)
+    with running_client(_certificate_config(simulator, cert.cert_file, cert.key_file)) as client:
+        result = client.send(token(1), new_id()).result(WAIT)
+    assert (result.status, result.reason, result.verdict) == (*answer, Verdict.CONFIGURATION)
 
 
 @pytest.fixture
@@ -372,20 +402,22 @@ def test_alpn_h2_is_required(http11_server: tuple[int, Path]) -> None:
 def _token_config(config: ApnsConfig, directory: Path) -> ApnsConfig:
     """`config` with token-auth credentials (for servers that never check them)."""
     key_file, _ = write_signing_key(directory, "KEYID12345")
-    return ApnsConfig(endpoint=config.endpoint, ca_file=config.ca_file, topic=TOPIC,
-                      key_file=key_file, key_id="KEYID12345", team_id="TEAMID1234",
-                      request_timeout=config.request_timeout)
+    return dataclasses.replace(config, topic=TOPIC, key_file=key_file, key_id="KEYID12345",
+                               team_id="TEAMID1234")
 
 
 def test_untrusted_certificates_are_refused(simulator_factory: SimulatorFactory,
                                             tmp_path: Path) -> None:
-    simulator, config = simulator_factory(config={"request_timeout": 0.5})
+    simulator, config = simulator_factory(config={"request_timeout": 1.0})
     other = CertificateAuthority(tmp_path)
     with running_client(dataclasses.replace(config, ca_file=other.ca_file)) as client:
-        result = client.send(token(1), new_id()).result(WAIT)
-        assert result.reason == "Timeout"
+        futures = [client.send(token(n), new_id()) for n in range(20)]
+        assert {f.result(WAIT).reason for f in futures} == {"Timeout"}
         assert "certificate" in (client.last_connect_error or "")
+        attempts = client.connections_opened
     assert simulator.requests == []
+    # TLS handshakes that fail back off like refused connections: no tight loop.
+    assert 1 <= attempts <= 6
 
 
 def test_reconnects_back_off(tmp_path: Path) -> None:
@@ -463,3 +495,72 @@ def test_send_is_thread_safe(simulator_factory: SimulatorFactory) -> None:
             thread.join()
     assert len(results) == 400 and all(r.status == 200 for r in results)
     assert len({r.token for r in results}) == 400
+
+
+def test_unrelated_key_id_moves_to_a_new_connection_once(
+        simulator_factory: SimulatorFactory) -> None:
+    simulator, config = simulator_factory()
+    simulator.script(token(1), [ScriptedOutcome(403, "UnrelatedKeyIdInToken")])
+    simulator.script(token(2), [ScriptedOutcome(403, "UnrelatedKeyIdInToken")] * 2)
+    with running_client(config) as client:
+        assert client.send(token(0), new_id()).result(WAIT).status == 200
+        moved = client.send(token(1), new_id()).result(WAIT)
+        repeated = client.send(token(2), new_id()).result(WAIT)
+    assert (moved.status, moved.verdict) == (200, Verdict.DELIVERED)
+    first, second = [r for r in simulator.requests if r.token == token(1)]
+    assert (first.connection, second.connection) == (1, 2), "retried on a new connection"
+    assert first.header("apns-id") == second.header("apns-id")
+    assert (repeated.status, repeated.reason, repeated.verdict) == (
+        403, "UnrelatedKeyIdInToken", Verdict.CONFIGURATION)
+    assert [r.connection for r in simulator.requests if r.token == token(2)] == [2, 3]
+    assert simulator.connections_opened == 3
+
+
+def test_unknown_reasons_follow_the_tables_last_line(simulator_factory: SimulatorFactory) -> None:
+    simulator, config = simulator_factory()
+    simulator.script(token(1), [ScriptedOutcome(400, "SomethingNew")])
+    simulator.script(token(2), [ScriptedOutcome(503, "SomethingNew")])
+    simulator.script(token(3), [ScriptedOutcome(403)])  # no body at all
+    with running_client(config) as client:
+        results = send_all(client, [token(1), token(2), token(3)])
+    assert [(r.status, r.reason, r.verdict) for r in results] == [
+        (400, "SomethingNew", Verdict.RELAY_BUG),
+        (503, "SomethingNew", Verdict.TRANSIENT),
+        (403, None, Verdict.CONFIGURATION),
+    ]
+
+
+def test_connect_timeout(tmp_path: Path) -> None:
+    # A server that accepts TCP but never speaks TLS: set-up must give up at connect_timeout.
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        config = _token_config(ApnsConfig(
+            endpoint=f"https://127.0.0.1:{silent.getsockname()[1]}", request_timeout=2.0,
+            connect_timeout=0.3), tmp_path)
+        with running_client(config) as client:
+            started = time.monotonic()
+            result = client.send(token(1), new_id()).result(WAIT)
+            assert result.reason == "Timeout"
+            assert time.monotonic() - started < WAIT
+            assert "apns.connect_timeout" in (client.last_connect_error or "")
+            assert client.connections_opened >= 2, "gave up and tried again"
+    finally:
+        silent.close()
+
+
+def test_stream_counts_agree_with_h2_under_faults(simulator_factory: SimulatorFactory,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # The client counts its open streams itself instead of h2's walk over all of them; h2's
+    # walk still runs every STREAM_CULL_INTERVAL streams and would log a disagreement.
+    simulator, config = simulator_factory(max_concurrent_streams=20, latency=0.002,
+                                          config={"request_timeout": 1.0})
+    for n in range(10, 600, 50):
+        simulator.script(token(n), [ScriptedOutcome(action=Action.RESET)])
+        simulator.script(token(n + 1), [ScriptedOutcome(action=Action.WITHHOLD)])
+        simulator.script(token(n + 2), [ScriptedOutcome(status=0, action=Action.RESET)])
+    with caplog.at_level("ERROR", logger="relay.apns"), running_client(config) as client:
+        results = send_all(client, [token(n) for n in range(600)])
+    assert Counter(r.reason for r in results) == {None: 576, "StreamReset": 12, "Timeout": 12}
+    assert STREAM_CULL_INTERVAL < 600
+    assert not [r for r in caplog.records if "open streams" in r.getMessage()]
+    assert simulator.stream_limit_violations == 0

@@ -140,3 +140,17 @@ def test_rebuild_regenerates_deleted_caches(log: str, capsys: pytest.CaptureFixt
     with connect(log) as conn:
         assert conn.execute("SELECT * FROM devices ORDER BY token").fetchall() == before
     assert audit_json(log, capsys, "--verify")[0] == 0
+
+
+def test_bodies_beyond_what_orjson_reads_verify(dsn: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON allows integers beyond 64 bits and the codec writes them; the audit reads them."""
+    journal = Journal(dsn, max_delay=0.001)
+    journal.start()
+    try:
+        journal.append([ev.relay_halted(T0, halt_class="relay_bug", reason=None, status=2**70,
+                                        message="été"), ev.device_registered(A, T0)]).result(10)
+    finally:
+        journal.stop(5)
+    status, report = audit_json(dsn, capsys, "--verify")
+    assert (status, report["verified"], report["events"]) == (0, True, 2)

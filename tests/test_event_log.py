@@ -199,3 +199,23 @@ def test_a_cache_edited_behind_the_relays_back_is_caught_and_rebuilt(
         row = conn.execute("SELECT registered_at_ms FROM devices WHERE token = %s",
                            (token,)).fetchone()
     assert row == (T0 + 40,)
+
+
+def test_a_link_broken_inside_a_batch_is_caught_by_verify(
+        log: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The database checks where a batch joins the chain; the links inside it are the
+    writer's arithmetic, which `--verify` recomputes (schema/001_event_log.sql)."""
+    position, previous = head(log)
+    data = ev.relay_halted(T0, halt_class="relay_bug", reason=None, status=None,
+                           message="x").data
+    first = codec.canonical_bytes(position + 1, ev.RELAY_HALTED, data)
+    second = codec.canonical_bytes(position + 2, ev.RELAY_HALTED, data)
+    first_hash = codec.chain_hash(previous, first)
+    with connect(log) as conn:
+        conn.execute("INSERT INTO events (position, type, body, hash)"
+                     " VALUES (%s, 'relay_halted', %s, %s), (%s, 'relay_halted', %s, %s)",
+                     (position + 1, first, first_hash,
+                      position + 2, second, codec.chain_hash(codec.GENESIS_HASH, second)))
+    status, report = verify(log, capsys)
+    assert (status, report["verified"]) == (1, False)
+    assert report["first_bad_position"] == position + 2, report["problems"]

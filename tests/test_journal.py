@@ -17,7 +17,7 @@ from psycopg import conninfo
 from events import codec
 from events import journal as journal_module
 from events import types as ev
-from events.journal import Journal, JournalStopped
+from events.journal import Journal, JournalStopped, append_bulk
 
 TOKEN = "ab" * 32
 
@@ -94,6 +94,25 @@ def test_one_append_stays_together_and_in_order(journal: Journal) -> None:
     big = [registered(i) for i in range(250)]  # larger than max_batch
     positions = journal.append(big).result(10)
     assert positions == list(range(1, 251))
+
+
+def test_append_bulk_writes_what_the_journal_writes(dsn: str, journal: Journal) -> None:
+    """Seeding in bulk continues the same chain, in the same bytes, with the same caches."""
+    bulk = [registered(i) for i in range(5)] + [ev.run_started(1, 1_700_000_001_000, 5)]
+    assert journal.append([registered(100)]).result(10) == [1]
+    assert append_bulk(dsn, bulk, chunk=4) == len(bulk)
+    assert journal.append([registered(101)]).result(10) == [8]
+    events = [registered(100), *bulk, registered(101)]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT position, body, hash FROM events ORDER BY position").fetchall()
+        devices = conn.execute("SELECT count(*) FROM devices WHERE active").fetchone()
+        runs = conn.execute("SELECT run, tokens FROM runs").fetchall()
+    previous = codec.GENESIS_HASH
+    for (position, body, hash_), event in zip(rows, events, strict=True):
+        assert bytes(body) == codec.canonical_bytes(position, event.type, event.data)
+        previous = codec.chain_hash(previous, bytes(body))
+        assert bytes(hash_) == previous
+    assert devices == (7,) and runs == [(1, 5)]
 
 
 def test_malformed_events_fail_their_future_only(journal: Journal) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import conninfo
 
 from events import projection
 from events import types as ev
@@ -224,6 +226,32 @@ def test_due_tokens_pages_active_tokens_without_a_final_outcome(
     nxt = reader.due_tokens(2, "", 100)
     assert [s.token for s in nxt] == tokens[:9]
     assert nxt[0] == TokenState(tokens[0], 0, None, None)
+
+
+def test_the_reader_never_reads_the_log(dsn: str) -> None:
+    """Start-up and paging answer from the cache tables: a role that may not read the
+    events table gets every answer (the log can be millions of events)."""
+    role = f"relay_reader_{uuid.uuid4().hex[:8]}"
+    append(dsn, [ev.device_registered(A, T0), ev.run_started(1, T0 + 1, 1)])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT SELECT ON devices, runs, log_head TO {role}")
+    role_dsn = conninfo.make_conninfo(dsn, user=role)
+    with psycopg.connect(role_dsn) as conn, pytest.raises(
+            psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT count(*) FROM events")
+    reader = LogReader(role_dsn)
+    try:
+        assert reader.registration(A) == (True, T0)
+        assert reader.unfinished_run() == RunRecord(1, T0 + 1, 1, 0, 0, 0, 0)
+        assert reader.next_run_number() == 2
+        assert reader.active_count() == 1
+        assert [s.token for s in reader.due_tokens(1, "", 10)] == [A]
+    finally:
+        reader.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -16,7 +16,8 @@ from typing import Any
 import apns_fixtures
 import pytest
 from apns_fixtures import TOPIC, SimulatorFactory, running_client, token
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -26,12 +27,15 @@ from relay.apns.jwt import b64url, load_signing_key, make_jwt
 from relay.config import ApnsConfig
 from relay.simulator import ApnsSimulator, ScriptedOutcome, embedded_simulator
 from relay.simulator.cli import parse_outcomes
+from relay.simulator.credentials import Certificate, CertificateAuthority
 from relay.simulator.server import Action
 from relay.simulator.validation import (
+    CertificateIdentity,
     ConnectionAuth,
     ProviderClaims,
     Request,
     TokenVerifier,
+    check_certificate,
     check_request,
     check_token_and_headers,
 )
@@ -144,6 +148,42 @@ def test_connection_token_rules(key: ec.EllipticCurvePrivateKey) -> None:
     assert auth.check(bearer(other, "KEYID67890", "TEAMID5678", NOW + 60), NOW + 21 * 60) == (
         403, "UnrelatedKeyIdInToken")
     assert auth.check(bearer(key, "KEYID12345", "TEAMID1234", NOW + 60), NOW + 21 * 60) is None
+
+
+def test_a_token_is_verified_once_not_per_request(key: ec.EllipticCurvePrivateKey) -> None:
+    verifier = TokenVerifier({"KEYID12345": ("TEAMID1234", key.public_key())})
+    bearer = "bearer " + make_jwt(key, "KEYID12345", "TEAMID1234", NOW)
+    connections = [ConnectionAuth(verifier), ConnectionAuth(verifier)]
+    for second in range(500):
+        for auth in connections:
+            assert auth.check(bearer, NOW + second) is None
+    assert verifier.signatures_checked == 1
+    # The age is still checked on every request.
+    assert connections[0].check(bearer, NOW + 3601) == (403, "ExpiredProviderToken")
+
+
+def test_certificate_identity_and_rules(tmp_path: Path) -> None:
+    authority = CertificateAuthority(tmp_path)
+
+    def identity(cert: Certificate) -> CertificateIdentity:
+        return CertificateIdentity.from_der(x509.load_pem_x509_certificate(
+            cert.cert_file.read_bytes()).public_bytes(serialization.Encoding.DER))
+
+    both = identity(authority.issue_push_certificate("both", TOPIC, ("production", "sandbox")))
+    assert both == CertificateIdentity(frozenset({TOPIC}), frozenset({"production", "sandbox"}))
+    sandbox = identity(authority.issue_push_certificate("sandbox", TOPIC, ("sandbox",)))
+    plain = identity(authority.issue("plain", TOPIC, client=True))
+    assert plain == CertificateIdentity(frozenset(), frozenset())
+    assert check_certificate(both, TOPIC, "production") == (None, TOPIC)
+    assert check_certificate(both, None, "sandbox") == (None, TOPIC), "the default topic"
+    assert check_certificate(both, "com.other", "production") == ((400, "TopicDisallowed"), None)
+    assert check_certificate(sandbox, TOPIC, "production") == (
+        (403, "BadCertificateEnvironment"), None)
+    assert check_certificate(plain, TOPIC, "production") == ((403, "BadCertificate"), None)
+    two = CertificateIdentity(frozenset({TOPIC, "com.other"}), frozenset({"production"}))
+    assert check_certificate(two, None, "production") == ((400, "MissingTopic"), None)
+    with pytest.raises(ValueError, match="environment"):
+        ApnsSimulator(topic=TOPIC, environment="staging", workdir=tmp_path)
 
 
 class _UncheckedH2(H2Connection):  # type: ignore[misc]
@@ -348,6 +388,38 @@ def test_cli_serves_an_operators_configuration(tmp_path: Path) -> None:
         with running_client(config) as client:
             assert client.send(token(1), str(uuid.uuid4())).result(WAIT).status == 200
             assert client.send(token(2), str(uuid.uuid4())).result(WAIT).status == 410
+    finally:
+        child.terminate()
+        assert child.wait(WAIT) == 0
+
+
+def test_cli_tries_a_certificate_configuration(tmp_path: Path) -> None:
+    authority = CertificateAuthority(tmp_path)
+    sandbox = authority.issue_push_certificate("sandbox", TOPIC, ("sandbox",))
+    production = authority.issue_push_certificate("production", TOPIC, ("production",))
+    command = [sys.executable, "-m", "relay.simulator.cli", "--listen", "127.0.0.1:0",
+               "--topic", TOPIC, "--client-ca", str(authority.ca_file),
+               "--environment", "sandbox", "--workdir", str(tmp_path / "sim")]
+    (tmp_path / "sim").mkdir()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert child.stdout is not None
+        values: dict[str, str] = {}
+        for line in child.stdout:
+            key, _, value = line.strip().partition(": ")
+            values[key] = value
+            if key == "topic":
+                break
+        answers = []
+        for cert in (sandbox, production):
+            config = ApnsConfig(endpoint=values["endpoint"], ca_file=Path(values["ca_file"]),
+                                topic=TOPIC, cert_file=cert.cert_file,
+                                cert_key_file=cert.key_file)
+            with running_client(config) as client:
+                result = client.send(token(1), str(uuid.uuid4())).result(WAIT)
+                answers.append((result.status, result.reason))
+        assert answers == [(200, None), (403, "BadCertificateEnvironment")]
     finally:
         child.terminate()
         assert child.wait(WAIT) == 0

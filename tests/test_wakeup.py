@@ -283,9 +283,24 @@ def test_apns_wide_trouble_trips_the_breaker_which_probes_then_resumes(
     caplog.set_level(logging.INFO, logger="actors.dispatcher")
     result = relay.runner(breaker_pause=0.3, attempts=3).run_once()
     assert result.finished and result.delivered == 30 and result.failed == 30
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("pausing all sends" in m for m in messages)
-    assert any("resuming sends" in m for m in messages)
+    paused = [r.created for r in caplog.records if "pausing all sends" in r.getMessage()]
+    resumed = [r.created for r in caplog.records if "resuming sends" in r.getMessage()]
+    assert paused and resumed
+    assert resumed[0] - paused[0] >= 0.3, "the probe went out before the pause was over"
+    assert relay.requests_per_token() == Counter({t: 2 for t in tokens})
+
+
+def test_one_tokens_5xx_among_healthy_answers_does_not_trip_the_breaker(
+        relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    sick = token(0)
+    healthy = [token(i) for i in range(1, 201)]
+    relay.register([sick, *healthy])
+    relay.simulator.script(sick, ScriptedOutcome.failures(2, 500, "InternalServerError"))
+    caplog.set_level(logging.INFO, logger="actors.dispatcher")
+    result = relay.runner(breaker_pause=60.0, attempts=3).run_once()  # a trip would stall 60 s
+    assert result.finished and (result.delivered, result.failed) == (201, 2)
+    assert not any("pausing all sends" in r.getMessage() for r in caplog.records)
+    assert relay.requests_per_token()[sick] == 3
 
 
 def test_an_abandoned_drain_resends_at_most_the_sends_in_flight(relay: Relay) -> None:

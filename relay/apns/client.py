@@ -150,7 +150,12 @@ class ApnsClient(ConnectionOwner):
         self._slots = [_Slot(i) for i in range(config.connections)]
         self._draining: set[Http2Connection] = set()
         self._counters: dict[tuple[int | None, str | None], object] = {}
-        self._bearer: tuple[str, bytes] = ("", b"")
+        self._bearer: tuple[str, Header] = ("", (b"", b""))  # the JWT and its header
+        self._request_line: tuple[Header, ...] = (
+            (b":method", b"POST"), (b":scheme", b"https"), (b":authority", self._authority))
+        self._constant_headers: tuple[Header, ...] = (
+            (b"apns-topic", self._topic), (b"apns-push-type", b"background"),
+            (b"apns-priority", b"5"))
         self._opened = 0
         self.last_connect_error: str | None = None  # for operators: why no connection
 
@@ -358,14 +363,10 @@ class ApnsClient(ConnectionOwner):
 
     def headers_for(self, request: PendingRequest) -> list[Header]:
         headers: list[Header] = [
-            (b":method", b"POST"),
-            (b":scheme", b"https"),
-            (b":authority", self._authority),
+            *self._request_line,
             # Per-request values stay out of APNs' small HPACK table (reference §1).
             NeverIndexedHeaderTuple(b":path", b"/3/device/" + request.token.encode()),
-            (b"apns-topic", self._topic),
-            (b"apns-push-type", b"background"),
-            (b"apns-priority", b"5"),
+            *self._constant_headers,
             NeverIndexedHeaderTuple(
                 b"apns-expiration", b"%d" % int(self._clock() + self._expiration)
             ),
@@ -373,10 +374,11 @@ class ApnsClient(ConnectionOwner):
         ]
         if self._provider is not None:
             jwt = self._provider.current()
-            if self._bearer[0] != jwt:
-                self._bearer = (jwt, b"bearer " + jwt.encode())
+            if self._bearer[0] is not jwt:
+                self._bearer = (jwt, NeverIndexedHeaderTuple(b"authorization",
+                                                             b"bearer " + jwt.encode()))
             request.jwt = jwt
-            headers.append(NeverIndexedHeaderTuple(b"authorization", self._bearer[1]))
+            headers.append(self._bearer[1])
         return headers
 
     def answered(self, conn: Http2Connection, request: PendingRequest, status: int,
@@ -388,7 +390,26 @@ class ApnsClient(ConnectionOwner):
         reason, timestamp = parse_error_body(body)
         if reason == "ExpiredProviderToken" and self._retry_expired_jwt(request):
             return
+        if reason == "UnrelatedKeyIdInToken" and self._retry_on_new_connection(conn, request):
+            return
         self._finish(request, status, reason, timestamp)
+
+    def _retry_on_new_connection(self, conn: Http2Connection, request: PendingRequest) -> bool:
+        """UnrelatedKeyIdInToken: APNs bound this connection to another team at its first
+        push (reference §5), so the connection is retired and the request tried once more
+        on a new one. A repeat there reaches the caller (the table's class b)."""
+        if request.connection_retried:
+            return False
+        request.connection_retried = True
+        self._pending.appendleft(request)
+        if not conn.retired:
+            log.warning("APNs answered UnrelatedKeyIdInToken on connection %s: moving to a "
+                        "new connection", conn.label)
+            conn.retire()
+            self.draining(conn)  # frees the slot: a new connection opens and dispatches
+        else:
+            self._dispatch()
+        return True
 
     def _retry_expired_jwt(self, request: PendingRequest) -> bool:
         """ExpiredProviderToken: a new JWT and one more try, if the 20-minute rule allows."""
@@ -436,7 +457,7 @@ class ApnsClient(ConnectionOwner):
             if slot.conn is conn:
                 slot.conn = None
                 known = True
-                if not conn.answered_any:
+                if not conn.answered_any and not self._closed:
                     self._failed(slot, "connection closed before any answer")
         if known:
             metrics.APNS_CONNECTIONS.dec()

@@ -43,19 +43,19 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
-from hpack import Encoder
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
+
+from relay.apns.hpack_codec import HeaderDecoder, HeaderEncoder
 
 log = logging.getLogger("relay.apns")
 
 # Never keep more streams open on one connection than this, whatever the server allows.
-# h2 counts open streams by walking all of them on every new stream, so its cost grows with
-# the window; ~100 already saturates a core at local round-trip times, and Apple's own
-# observed limits (500-1500) only matter across long round trips, which more
-# `apns.connections` serve better.
+# ~100 in flight already keep a core busy at local round-trip times (256 measured no
+# faster), and Apple's observed limits (500-1500) only matter across long round trips,
+# which more `apns.connections` serve better.
 STREAM_CAP = 128
 
-# How often h2 may walk its streams to forget closed ones (see `_H2Connection`).
+# How often h2 may walk its streams to forget closed ones (see `_CountingH2Connection`).
 STREAM_CULL_INTERVAL = 256
 
 _GOAWAY = 0x7
@@ -71,6 +71,7 @@ class PendingRequest:
     __slots__ = (
         "apns_id",
         "conn",
+        "connection_retried",
         "deadline",
         "done",
         "future",
@@ -89,6 +90,7 @@ class PendingRequest:
         self.stream_id = 0
         self.jwt: str | None = None  # the provider token this attempt was sent with
         self.jwt_retried = False  # ExpiredProviderToken: one renewal per request
+        self.connection_retried = False  # UnrelatedKeyIdInToken: one new connection per request
 
 
 class ConnectionOwner(Protocol):
@@ -114,59 +116,45 @@ class _Stream:
         self.unsent = unsent  # request body still held back by flow control
 
 
-class _ApnsEncoder(Encoder):  # type: ignore[misc]
-    """HPACK tuned for APNs requests, where header encoding was the largest CPU cost.
+class _CountingH2Connection(H2Connection):  # type: ignore[misc]
+    """h2's check of the server's stream limit, without its walk over every stream.
 
-    - No Huffman coding: the values are unique per request (path, apns-id, expiration) or
-      never indexed (the provider token), so Huffman would be paid on every request by us
-      and by the server, for ~50 bytes saved.
-    - The constant headers (topic, push type, priority, authority) are full matches in the
-      dynamic table from the second request on; their encoding, an index, is remembered
-      until the table changes (any insertion puts a new object at its front).
+    Before opening a stream h2 counts the open ones by walking all of them (forgetting
+    closed ones on the way): O(streams in flight) per request, a large CPU cost with a
+    hundred in flight. The connection knows its open streams exactly (`count_open`: those
+    opened and not yet answered, reset or cancelled; it resets a stream it stops
+    following), so this is the only h2 behaviour changed, through h2's public property.
+    Every STREAM_CULL_INTERVAL-th stream h2's own walk runs instead, to forget closed
+    streams and to check that both counts agree; should they ever differ (a change in h2,
+    or a path that leaves a stream open), the walk is used for every stream from then on,
+    so h2 never lets more streams open than the server allows.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._indexed: dict[tuple[bytes, bytes], bytes] = {}
-        self._table: tuple[int, object] = (0, None)
+    # h2 remembers how each closed stream ended, for frames that arrive after the close;
+    # its default (65,536 per connection, ~8 MB) made the relay's memory grow over the
+    # first 65k sends of a run. Late frames only concern streams closed a moment ago.
+    MAX_CLOSED_STREAMS = 4096
 
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return bytes(super().encode(headers, huffman=False))
-
-    def add(self, to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
-        if sensitive:  # a never-indexed literal leaves the table alone
-            return bytes(super().add(to_add, sensitive, huffman))
-        if not self._table_unchanged():
-            self._indexed.clear()
-            entries = self.header_table.dynamic_entries
-            self._table = (len(entries), entries[0] if entries else None)
-        encoded = self._indexed.get(to_add)
-        if encoded is None:
-            encoded = bytes(super().add(to_add, sensitive, huffman))
-            if self._table_unchanged():
-                self._indexed[to_add] = encoded  # no insertion: it was encoded as an index
-        return encoded
-
-    def _table_unchanged(self) -> bool:
-        entries = self.header_table.dynamic_entries
-        newest = entries[0] if entries else None
-        return len(entries) == self._table[0] and newest is self._table[1]
-
-
-class _H2Connection(H2Connection):  # type: ignore[misc]
-    """h2 counts open streams by walking all of them for every new stream (O(n) per
-    request). The connection already knows how many it has in flight; h2's walk, which
-    also forgets closed streams, runs only every STREAM_CULL_INTERVAL streams."""
-
-    in_flight = 0
-    _opened = 0
+    def __init__(self, config: H2Configuration, count_open: Callable[[], int],
+                 label: str) -> None:
+        super().__init__(config=config)
+        self._count_open = count_open
+        self._label = label
+        self._counted = 0
+        self.counts_agree = True
 
     @property
     def open_outbound_streams(self) -> int:
-        self._opened += 1
-        if self._opened % STREAM_CULL_INTERVAL == 0:
-            return int(super().open_outbound_streams)
-        return self.in_flight
+        self._counted += 1
+        if self.counts_agree and self._counted % STREAM_CULL_INTERVAL:
+            return self._count_open()
+        walked = int(super().open_outbound_streams)
+        own = self._count_open()
+        if walked != own and self.counts_agree:
+            self.counts_agree = False
+            log.error("APNs connection %s: h2 counts %d open streams, the connection %d; "
+                      "using h2's count from now on", self._label, walked, own)
+        return max(walked, own)
 
 
 class Http2Connection(asyncio.Protocol):
@@ -186,21 +174,27 @@ class Http2Connection(asyncio.Protocol):
             # so h2's per-request re-validation would only burn CPU.
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
-            # Only :status and the JSON body are read from answers.
+            # Only :status and the JSON body are read from answers (and APNs sends no cookies
+            # for h2 to merge).
             validate_inbound_headers=False,
+            normalize_inbound_headers=False,
         )
-        self._h2 = _H2Connection(config=config)
-        self._h2.encoder = _ApnsEncoder()
+        self._streams: dict[int, _Stream] = {}
+        self._h2 = _CountingH2Connection(config, lambda: len(self._streams), label)
+        self._h2.encoder = HeaderEncoder()
+        decoder = HeaderDecoder()
+        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
+        self._h2.decoder = decoder
         self._h2.local_settings.enable_push = 0
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = self._loop.create_future()
-        self._streams: dict[int, _Stream] = {}
         self._server_limit = 0  # 0 until the server's SETTINGS arrived
         self.confirmed = not token_auth  # a 200 lifts token auth's limit of one stream
         self.answered_any = False
         self.closed = False
         self.goaway_last: int | None = None
+        self.retired = False  # no new streams here; closed once the last one is answered
         self._last_activity = self._loop.time()
         self._ping_deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -251,7 +245,7 @@ class Http2Connection(asyncio.Protocol):
         self.flush()
         if not self.closed:
             self._owner.capacity_changed(self)
-            if self.goaway_last is not None and not self._streams:
+            if (self.goaway_last is not None or self.retired) and not self._streams:
                 self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -272,7 +266,7 @@ class Http2Connection(asyncio.Protocol):
 
     def capacity(self) -> int:
         """How many more streams may be opened now."""
-        if self.closed or self.goaway_last is not None or not self._server_limit:
+        if self.closed or self.retired or self.goaway_last is not None or not self._server_limit:
             return 0
         limit = self._server_limit if self.confirmed else 1
         return min(limit, STREAM_CAP) - len(self._streams)
@@ -284,7 +278,6 @@ class Http2Connection(asyncio.Protocol):
     def submit(self, request: PendingRequest) -> None:
         """Open a stream for `request`; the owner checked `capacity()` first."""
         stream_id = self._h2.get_next_available_stream_id()
-        self._h2.in_flight = len(self._streams)
         self._h2.send_headers(stream_id, self._owner.headers_for(request))
         stream = _Stream(request, self._body)
         self._streams[stream_id] = stream
@@ -300,10 +293,16 @@ class Http2Connection(asyncio.Protocol):
         if self.goaway_last is None:
             self._h2.reset_stream(request.stream_id, ErrorCodes.CANCEL)
             self.flush()
-        elif not self._streams:
+        if (self.goaway_last is not None or self.retired) and not self._streams:
             self.close()
+            return
         # Silence from the server may mean a dead socket: a PING tells within ping_timeout.
         self._send_ping()
+
+    def retire(self) -> None:
+        """Open no more streams here (APNs bound this connection to another key's team);
+        the streams in flight are still answered, then the connection closes."""
+        self.retired = True
 
     def take_all(self) -> list[PendingRequest]:
         """Forget every stream (the client is closing) and return their requests."""
@@ -364,6 +363,10 @@ class Http2Connection(asyncio.Protocol):
             return  # cancelled after its deadline; the late answer has no one to go to
         stream.request.conn = None
         self.answered_any = True
+        if stream.unsent and self.goaway_last is None:
+            # Answered before flow control let the whole body out (RFC 9113 §8.1): end the
+            # stream, or it would stay half-open and count against the server's limit.
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
         if stream.status == 200:
             self.confirmed = True
         self._owner.answered(self, stream.request, stream.status, stream.body)

@@ -44,7 +44,10 @@ REASONS: dict[tuple[int, str], Verdict] = {
     (403, "Forbidden"): Verdict.CONFIGURATION,  # b
     (403, "InvalidProviderToken"): Verdict.CONFIGURATION,  # b: wrong key, key id or team id
     (403, "MissingProviderToken"): Verdict.RELAY_BUG,  # a: we always send a JWT with token auth
-    (403, "UnrelatedKeyIdInToken"): Verdict.CONFIGURATION,  # a/b: one key per process, so b
+    # a/b: the client retires the connection and retries once on a new one (reference: "open
+    # a new connection"); the relay signs with one configured key, so a repeat on a fresh
+    # connection means APNs does not relate apns.key_id to apns.team_id: b.
+    (403, "UnrelatedKeyIdInToken"): Verdict.CONFIGURATION,
     (403, "BadEnvironmentKeyIdInToken"): Verdict.CONFIGURATION,  # b: key of the other env
     (403, "BadEnvironmentKeyInToken"): Verdict.CONFIGURATION,  # b: the same, spelling seen [O]
     (404, "BadPath"): Verdict.RELAY_BUG,  # a

@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="make a fresh .p8 key in the work directory and print its path")
     parser.add_argument("--client-ca", type=Path, metavar="FILE",
                         help="accept TLS client certificates from this CA (certificate auth)")
+    parser.add_argument("--environment", choices=("production", "sandbox"),
+                        default="production",
+                        help="the APNs environment it plays; client certificates must allow "
+                        "it (default production)")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="where the CA and certificate go (default: a temporary directory)")
     faults = parser.add_argument_group("behaviour and faults")
@@ -112,7 +116,8 @@ def main(argv: Sequence[str]) -> int:
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
     simulator = ApnsSimulator(
-        host=host, port=port, topic=args.topic, keys=keys, time_scale=args.time_scale,
+        host=host, port=port, topic=args.topic, environment=args.environment, keys=keys,
+        time_scale=args.time_scale,
         max_concurrent_streams=args.max_streams, initial_window_size=args.window,
         goaway_after=args.goaway_after, latency=latency, client_ca=args.client_ca,
         record_limit=args.record_limit, log_requests=not args.quiet, workdir=args.workdir,

@@ -21,6 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 CERT_VALIDITY = datetime.timedelta(days=30)
+# Apple's push certificate extensions: which APNs environments the certificate may use.
+APNS_SANDBOX_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.1")
+APNS_PRODUCTION_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.2")
+ENVIRONMENT_OIDS = {"sandbox": APNS_SANDBOX_OID, "production": APNS_PRODUCTION_OID}
 _ID_ALPHABET = string.ascii_uppercase + string.digits
 
 
@@ -96,14 +100,28 @@ class CertificateAuthority:
         self.ca_file = self.directory / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, common_name: str, *, hosts: tuple[str, ...] = (),
-              client: bool = False) -> Certificate:
-        """A leaf certificate (server for `hosts`, or a client certificate) and its key."""
+    def issue_push_certificate(self, stem: str, bundle_id: str,
+                               environments: tuple[str, ...] = ("production",)) -> Certificate:
+        """A client certificate shaped like Apple's APNs certificates: the app's bundle id
+        as the subject's UID, and the extensions naming the environments it may push to."""
+        subject = [x509.NameAttribute(NameOID.USER_ID, bundle_id),
+                   x509.NameAttribute(NameOID.COMMON_NAME, f"Apple Push Services: {bundle_id}")]
+        extensions = [ENVIRONMENT_OIDS[name] for name in environments]
+        return self.issue(stem, subject, client=True, extensions=extensions)
+
+    def issue(self, stem: str, subject: str | list[x509.NameAttribute[str]], *,
+              hosts: tuple[str, ...] = (), client: bool = False,
+              extensions: list[x509.ObjectIdentifier] | None = None) -> Certificate:
+        """A leaf certificate (server for `hosts`, or a client certificate) and its key;
+        `subject` is a common name or the subject's attributes; `extensions` are added as
+        non-critical marker extensions (ASN.1 NULL), as Apple's push certificates carry."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        if isinstance(subject, str):
+            subject = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -126,6 +144,9 @@ class CertificateAuthority:
                 except ValueError:
                     names.append(x509.DNSName(host))
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        for oid in extensions or ():
+            builder = builder.add_extension(x509.UnrecognizedExtension(oid, b"\x05\x00"),
+                                            critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         cert_file = self.directory / f"{stem}.pem"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

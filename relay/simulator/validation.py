@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from relay.simulator.credentials import ENVIRONMENT_OIDS
 
 MAX_PAYLOAD = 4096  # bytes, for every push type the relay sends
 JWT_MAX_AGE = 3600  # seconds: older `iat` is ExpiredProviderToken
@@ -43,6 +48,7 @@ class Request:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     by_name: dict[str, str] = field(init=False, repr=False, compare=False)
+    device_token: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", dict(self.headers))  # the first of repeats wins
@@ -50,6 +56,8 @@ class Request:
             object.__setattr__(self, "by_name", {})
             for name, value in self.headers:
                 self.by_name.setdefault(name, value)
+        match = _PATH.match(self.by_name.get(":path") or "")
+        object.__setattr__(self, "device_token", match.group(1) if match else None)
 
     def get(self, name: str) -> str | None:
         return self.by_name.get(name)
@@ -59,8 +67,8 @@ class Request:
         return len(self.by_name) < len(self.headers)
 
     def token(self) -> str | None:
-        match = _PATH.match(self.get(":path") or "")
-        return match.group(1) if match else None
+        """The device token in `:path`, None if the path is not /3/device/..."""
+        return self.device_token
 
 
 def check_request(request: Request) -> Error | None:
@@ -102,7 +110,9 @@ def check_token_and_headers(request: Request) -> Error | None:
     return check_payload(request.body, push_type)
 
 
+@functools.lru_cache(maxsize=64)
 def check_payload(body: bytes, push_type: str | None) -> Error | None:
+    """The payload rules; cached, as a relay sends the same few bytes in every request."""
     if not body:
         return 400, "PayloadEmpty"
     if len(body) > MAX_PAYLOAD:
@@ -120,6 +130,42 @@ def check_payload(body: bytes, push_type: str | None) -> Error | None:
 
 
 @dataclass(frozen=True)
+class CertificateIdentity:
+    """What a TLS client certificate allows (reference §5, certificate auth): the topics
+    (the subject's UID, Apple's bundle id) and the environments named by its extensions."""
+
+    topics: frozenset[str]
+    environments: frozenset[str]
+
+    @classmethod
+    def from_der(cls, der: bytes) -> CertificateIdentity:
+        certificate = x509.load_der_x509_certificate(der)
+        topics = frozenset(str(attribute.value) for attribute
+                           in certificate.subject.get_attributes_for_oid(NameOID.USER_ID))
+        present = {extension.oid for extension in certificate.extensions}
+        environments = frozenset(name for name, oid in ENVIRONMENT_OIDS.items()
+                                 if oid in present)
+        return cls(topics, environments)
+
+
+def check_certificate(identity: CertificateIdentity, topic: str | None,
+                      environment: str) -> tuple[Error | None, str | None]:
+    """(error, the request's topic): certificate auth's rules; with no `apns-topic`, the
+    certificate's only topic is the default."""
+    if not identity.topics:
+        return (403, "BadCertificate"), None
+    if environment not in identity.environments:
+        return (403, "BadCertificateEnvironment"), None
+    if not topic:
+        if len(identity.topics) != 1:
+            return (400, "MissingTopic"), None
+        topic = next(iter(identity.topics))
+    if topic not in identity.topics:
+        return (400, "TopicDisallowed"), None
+    return None, topic
+
+
+@dataclass(frozen=True)
 class ProviderClaims:
     key_id: str
     team_id: str
@@ -133,14 +179,16 @@ def _b64url_decode(text: str) -> bytes:
 
 
 class TokenVerifier:
-    """Checks provider tokens against the configured keys; caches by token string,
-    because a verified signature stays verified and ECDSA costs ~100 µs."""
+    """Checks provider tokens against the configured keys, for every connection of the
+    simulator; caches the verdict by token string (until a key is added), because a
+    verified signature stays verified and ECDSA costs ~100 µs."""
 
     CACHE_SIZE = 1024
 
     def __init__(self, keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]]) -> None:
         self._keys = dict(keys)
         self._cache: dict[str, ProviderClaims | str] = {}
+        self.signatures_checked = 0  # for tests: ECDSA verifications done
 
     def add_key(self, key_id: str, team_id: str, public_key: ec.EllipticCurvePublicKey) -> None:
         self._keys[key_id] = (team_id, public_key)
@@ -177,6 +225,7 @@ class TokenVerifier:
             return "InvalidProviderToken"
         der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
                                    int.from_bytes(signature[32:], "big"))
+        self.signatures_checked += 1
         try:
             entry[1].verify(der, f"{header_b64}.{claims_b64}".encode("ascii"),
                             ec.ECDSA(hashes.SHA256()))
@@ -187,13 +236,18 @@ class TokenVerifier:
 
 class ConnectionAuth:
     """Apple's per-connection token rules: team bound at the first push, one token change
-    per 20 minutes, and tokens older than an hour refused."""
+    per 20 minutes, and tokens older than an hour refused.
+
+    The connection's accepted token is kept with its `iat`: a request carrying it again
+    (nearly every request) costs a string comparison and the age check, as APNs checks
+    the token per connection, not its signature per request (reference §5)."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
         self.team_id: str | None = None
         self.token: str | None = None
         self.token_since = 0.0
+        self._issued_at = 0
 
     def check(self, authorization: str | None, now: float) -> Error | None:
         if not authorization:
@@ -202,7 +256,7 @@ class ConnectionAuth:
         if scheme.lower() != "bearer" or not jwt:
             return 403, "InvalidProviderToken"
         if jwt == self.token:
-            return None if now - self._issued_at(jwt) <= JWT_MAX_AGE else (
+            return None if now - self._issued_at <= JWT_MAX_AGE else (
                 403, "ExpiredProviderToken")
         claims = self._verifier.verify(jwt)
         if isinstance(claims, str):
@@ -214,9 +268,5 @@ class ConnectionAuth:
         if self.token is not None and now - self.token_since < JWT_MIN_CHANGE_INTERVAL:
             return 429, "TooManyProviderTokenUpdates"
         self.team_id = claims.team_id
-        self.token, self.token_since = jwt, now
+        self.token, self.token_since, self._issued_at = jwt, now, claims.issued_at
         return None
-
-    def _issued_at(self, jwt: str) -> int:
-        claims = self._verifier.verify(jwt)
-        return claims.issued_at if isinstance(claims, ProviderClaims) else 0

@@ -1,0 +1,235 @@
+"""The supervisor: restarts with back-off, escalation, runs one at a time and each recorded.
+
+Real PostgreSQL, the simulator over TLS, real actors; crashes are injected into the
+real Registry and Sender shard actors (pykka stops an actor whose `on_receive` raises).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import apns_fixtures
+import pytest
+from apns_fixtures import SimulatorFactory, token
+from relay_fixtures import events as read_events
+from relay_fixtures import register
+
+from actors.registry import Registry
+from actors.sender import SenderShard
+from events import types as ev
+from relay.config import ApnsConfig, Config, DatabaseConfig, HttpConfig, WakeupConfig
+from relay.simulator import ApnsSimulator
+from relay.supervisor import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    RestartBudget,
+    RestartPolicy,
+    Supervisor,
+    run_lock,
+    running_parts,
+)
+
+simulator_factory = apns_fixtures.simulator_factory
+
+WAIT = 30.0
+FAST = RestartPolicy(max_restarts=3, window=60.0, backoff=0.2, check_every=0.05)
+
+
+class Running:
+    """A Supervisor serving on its own thread; `finish()` stops it and gives its status."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.status: Future[int] = Future()
+        threading.Thread(target=self._serve, name="test-supervisor", daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            self.status.set_result(self.supervisor.run())
+        except BaseException as exc:
+            self.status.set_exception(exc)
+
+    def finish(self) -> int:
+        self.supervisor.stop()
+        return self.status.result(WAIT)
+
+
+class Supervise:
+    """Starts Supervisors over real parts on this test's database and simulator."""
+
+    def __init__(self, dsn: str, simulator: ApnsSimulator, apns: ApnsConfig) -> None:
+        self.dsn, self.simulator, self.apns = dsn, simulator, apns
+        self._parts = contextlib.ExitStack()
+
+    def __call__(self, policy: RestartPolicy = FAST, **wakeup: Any) -> Running:
+        settings = {"backoff_base": 0.05, "backoff_max": 0.2, **wakeup}
+        config = Config(database=DatabaseConfig(dsn=self.dsn),
+                        http=HttpConfig(listen=("127.0.0.1", 0)), apns=self.apns,
+                        wakeup=WakeupConfig(**settings))
+        parts = self._parts.enter_context(running_parts(config, self.dsn))
+        return Running(Supervisor(config, self.dsn, parts, policy))
+
+    def close(self) -> None:
+        self._parts.close()
+
+
+@pytest.fixture
+def supervise(dsn: str, simulator_factory: SimulatorFactory) -> Iterator[Supervise]:
+    simulator, apns = simulator_factory()
+    starter = Supervise(dsn, simulator, apns)
+    yield starter
+    starter.close()
+
+
+def _until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _crash_registrations(monkeypatch: pytest.MonkeyPatch, times: int) -> list[float]:
+    """The next `times` registrations crash the Registry actor; returns when each did."""
+    crashes: list[float] = []
+    original = Registry._register
+
+    def crashing(self: Registry, device: str, reply: Future[None]) -> None:
+        if len(crashes) < times:
+            crashes.append(time.monotonic())
+            raise RuntimeError("injected Registry crash")
+        original(self, device, reply)
+
+    monkeypatch.setattr(Registry, "_register", crashing)
+    return crashes
+
+
+def test_restart_budget_doubles_the_pause_and_runs_out_within_the_window() -> None:
+    now = [0.0]
+    budget = RestartBudget(RestartPolicy(max_restarts=3, window=10.0, backoff=0.5),
+                           clock=lambda: now[0])
+    assert [budget.next_pause(), budget.next_pause(), budget.next_pause()] == [0.5, 1.0, 2.0]
+    assert budget.next_pause() is None
+    now[0] = 10.0  # the first restarts have left the window
+    assert budget.next_pause() == 0.5
+
+
+def test_a_crashed_registry_is_restarted_after_a_back_off(
+        supervise: Supervise, dsn: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="relay.supervisor")
+    running = supervise()
+    registry = running.supervisor.parts.registry
+    crashes = _crash_registrations(monkeypatch, times=1)
+    registry.register(token(1))
+    _until(lambda: crashes and not registry.alive(), "the crash")
+    _until(registry.alive, "the restart")
+    restarted = time.monotonic()
+    registry.register(token(2)).result(WAIT)
+
+    assert restarted - crashes[0] >= FAST.backoff
+    assert running.finish() == EXIT_OK
+    registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
+    assert registered == [token(2)]
+    assert any("the Registry crashed; restarting it in" in r.getMessage() for r in caplog.records)
+
+
+def test_crashes_faster_than_the_policy_allows_end_the_process_with_status_1(
+        supervise: Supervise, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    running = supervise()
+    registry = running.supervisor.parts.registry
+    crashes = _crash_registrations(monkeypatch, times=1_000)
+    while not running.status.done():
+        if registry.alive():
+            registry.register(token(len(crashes) + 1))
+        time.sleep(0.02)
+        assert len(crashes) <= FAST.max_restarts + 1
+    assert running.status.result(WAIT) == EXIT_FAILURE
+    assert len(crashes) == FAST.max_restarts + 1
+    assert running.supervisor.stopping.is_set() and not running.supervisor.worker_alive()
+    assert any(r.levelno == logging.CRITICAL and "exiting so that the service manager"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_a_crashed_run_is_resumed_after_a_back_off_and_finishes(
+        supervise: Supervise, dsn: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="relay.supervisor")
+    tokens = [token(i) for i in range(1, 201)]
+    register(dsn, tokens)
+    crashed = threading.Event()
+    original = SenderShard.on_receive
+
+    def crash_once(self: SenderShard, message: Any) -> Any:
+        if not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("injected Sender shard crash")
+        return original(self, message)
+
+    monkeypatch.setattr(SenderShard, "on_receive", crash_once)
+    running = supervise()
+    _until(lambda: any(kind == ev.RUN_FINISHED for kind, _ in read_events(dsn)), "the run's end")
+    assert running.finish() == EXIT_OK
+
+    events = read_events(dsn)
+    assert crashed.is_set()
+    assert [d["run"] for kind, d in events if kind == ev.RUN_STARTED] == [1], "resumed, not anew"
+    finals = Counter(d["token"] for kind, d in events if kind == ev.NOTIFICATION_DELIVERED)
+    assert finals == Counter(tokens)
+    sent = Counter(r.token for r in supervise.simulator.requests)
+    assert set(sent) == set(tokens) and max(sent.values()) <= 2
+    assert any("resuming the wakeup run in" in r.getMessage() for r in caplog.records)
+
+
+def test_runs_follow_each_other_and_each_is_recorded_even_over_an_empty_registry(
+        supervise: Supervise, dsn: str) -> None:
+    simulator = supervise.simulator
+    simulator.latency = 0.05
+    running = supervise(interval=0.05, max_in_flight=10)
+    _until(lambda: sum(1 for kind, _ in read_events(dsn) if kind == ev.RUN_FINISHED) >= 2,
+           "two empty runs")
+    tokens = [token(i) for i in range(1, 101)]  # a run now lasts ~0.5 s, ten intervals
+    for device in tokens:
+        running.supervisor.parts.registry.register(device).result(WAIT)
+    _until(lambda: sum(1 for kind, _ in read_events(dsn) if kind == ev.RUN_FINISHED) >= 5,
+           "runs over the tokens")
+    assert running.finish() == EXIT_OK
+
+    events = read_events(dsn)
+    marks = [(kind, d["run"]) for kind, d in events if kind in (ev.RUN_STARTED, ev.RUN_FINISHED)]
+    finished = [run for kind, run in marks if kind == ev.RUN_FINISHED]
+    expected = [(kind, run) for run in finished for kind in (ev.RUN_STARTED, ev.RUN_FINISHED)]
+    assert marks[:len(expected)] == expected, "a run started before the previous one ended"
+    assert finished == list(range(1, len(finished) + 1))
+    empty = [d for kind, d in events if kind == ev.RUN_FINISHED and d["tokens"] == 0]
+    assert len(empty) >= 2
+    per_run = Counter((d["run"], d["token"]) for kind, d in events
+                      if kind == ev.NOTIFICATION_DELIVERED)
+    assert set(per_run.values()) == {1}, "a token was sent twice within one run"
+
+
+def test_the_run_lock_admits_one_process_and_gives_way_to_a_stop(dsn: str) -> None:
+    never = threading.Event()
+    with run_lock(dsn, never) as first:
+        assert first
+        stopping = threading.Event()
+        second: Future[bool] = Future()
+
+        def wait_for_the_lock() -> None:
+            with run_lock(dsn, stopping) as locked:
+                second.set_result(locked)
+
+        threading.Thread(target=wait_for_the_lock, daemon=True).start()
+        time.sleep(0.6)  # more than one poll of the lock
+        assert not second.done(), "two holders of the run lock"
+        stopping.set()
+        assert second.result(WAIT) is False
+    with run_lock(dsn, never) as again:
+        assert again, "the lock is free once its holder leaves"
