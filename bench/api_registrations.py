@@ -41,6 +41,7 @@ from events.store import LogReader
 from relay.api import ApiServer
 from relay.config import Config, HttpConfig
 from relay.database import apply_migrations, scratch_database, with_dbname
+from relay.supervisor import freeze_startup_heap
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 WARMUP_PER_PROCESS = 200
@@ -137,6 +138,7 @@ def _measure(args: argparse.Namespace, dsn: str) -> int:
 
     server = ApiServer(config, registry, Health())
     server.start()
+    freeze_startup_heap()  # as the supervisor does once its parts run
     url = "http://{}:{}/devices".format(*server.bound_address)
     try:
         context = multiprocessing.get_context("spawn")
