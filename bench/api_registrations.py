@@ -36,11 +36,11 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.registry import RegistryHandle
+from bench.journal import migrated_database
 from events.journal import Journal
 from events.store import LogReader
 from relay.api import ApiServer
 from relay.config import Config, HttpConfig
-from relay.database import apply_migrations, scratch_database, with_dbname
 from relay.supervisor import freeze_startup_heap
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000, help="measured, in total")
     args = parser.parse_args(argv)
 
-    with scratch_database(args.dsn, "relay_bench") as name:
-        dsn = with_dbname(args.dsn, name)
-        apply_migrations(dsn)
+    with migrated_database(args.dsn, "relay_bench") as dsn:
         return _measure(args, dsn)
 
 

@@ -30,28 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay.apns import ApnsClient
 from relay.config import ApnsConfig
+from relay.simulator.cli import spawn
 
 TOPIC = "org.example.bench"
 
 
 def start_simulator(workdir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str],
                                                                         ApnsConfig]:
-    command = [
-        sys.executable, "-m", "relay.simulator.cli", "--listen", "127.0.0.1:0",
-        "--topic", TOPIC, "--generate-key", "--quiet", "--workdir", str(workdir),
-        "--latency", args.latency, "--max-streams", str(args.max_streams),
-    ]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
-    assert child.stdout is not None
-    values: dict[str, str] = {}
-    for line in child.stdout:
-        key, _, value = line.strip().partition(": ")
-        values[key] = value
-        if "key_file" in values:
-            break
-    else:
-        raise SystemExit("the simulator did not start")
+    child, values = spawn(["--listen", "127.0.0.1:0", "--topic", TOPIC, "--generate-key",
+                           "--quiet", "--workdir", str(workdir), "--latency", args.latency,
+                           "--max-streams", str(args.max_streams)],
+                          cwd=Path(__file__).resolve().parent.parent)
     config = ApnsConfig(
         endpoint=values["endpoint"], ca_file=Path(values["ca_file"]), topic=TOPIC,
         key_file=Path(values["key_file"]), key_id=values["key_id"], team_id=values["team_id"],

@@ -42,10 +42,11 @@ from typing import Any
 
 import psycopg
 
-from bench.journal import scratch_database, server
+from bench.journal import migrated_database, server
 from bench.replay import realistic_log
 from events import types as ev
 from events.journal import append_bulk
+from relay.simulator.cli import spawn
 
 TOPIC = "org.example.bench"
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,20 +103,11 @@ def seed_registry(dsn: str, tokens: int, history_runs: int) -> tuple[list[str], 
 def start_simulator(workdir: Path, scripts: list[str]) -> tuple[subprocess.Popen[str],
                                                                  dict[str, str]]:
     """`python -m relay simulator` in its own process; returns it and its `apns:` values."""
-    command = [sys.executable, "-m", "relay", "simulator", "--listen", "127.0.0.1:0",
-               "--topic", TOPIC, "--generate-key", "--quiet", "--record-limit", "100",
-               "--workdir", str(workdir)]
+    options = ["--listen", "127.0.0.1:0", "--topic", TOPIC, "--generate-key", "--quiet",
+               "--record-limit", "100", "--workdir", str(workdir)]
     for script in scripts:
-        command += ["--script", script]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert child.stdout is not None
-    values: dict[str, str] = {}
-    for line in child.stdout:
-        key, _, value = line.strip().partition(": ")
-        values[key] = value
-        if "key_file" in values:
-            return child, values
-    raise SystemExit("the simulator did not start")
+        options += ["--script", script]
+    return spawn(options, cwd=ROOT)
 
 
 def relay_config(path: Path, dsn: str, apns: dict[str, str], args: argparse.Namespace) -> None:
@@ -370,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N = {tokens:,}  (load average before: {load[0]:.2f} {load[1]:.2f} "
                   f"{load[2]:.2f})", flush=True)
             with tempfile.TemporaryDirectory(prefix="relay-e2e-") as workdir, \
-                    scratch_database(admin_dsn, "bench_e2e") as dsn:
+                    migrated_database(admin_dsn, "bench_e2e") as dsn:
                 figures = run_wakeup(dsn, tokens, args.history_runs, args, Path(workdir))
             report(figures)
             if args.py_spy:

@@ -30,12 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
-from psycopg import conninfo
 
 from events import codec
 from events import types as ev
 from events.journal import Journal
-from relay.database import EmbeddedPostgres, apply_migrations
+from relay.database import EmbeddedPostgres, apply_migrations, scratch_database, with_dbname
 
 T0 = 1_760_000_000_000
 
@@ -57,18 +56,12 @@ def server(dsn: str | None) -> Iterator[str]:
 
 
 @contextmanager
-def scratch_database(admin_dsn: str, prefix: str) -> Iterator[str]:
-    """A fresh database with the migrations applied, dropped afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = conninfo.make_conninfo(admin_dsn, dbname=name)
-    try:
+def migrated_database(admin_dsn: str, prefix: str) -> Iterator[str]:
+    """A fresh database with the migrations applied (its DSN), dropped afterwards."""
+    with scratch_database(admin_dsn, prefix) as name:
+        dsn = with_dbname(admin_dsn, name)
         apply_migrations(dsn)
         yield dsn
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wakeup_workload(count: int, seed: int = 7) -> list[ev.Event]:
@@ -167,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay", type=float, default=0.005)
     args = parser.parse_args(argv)
     events = wakeup_workload(args.events)
-    with server(args.dsn) as admin_dsn, scratch_database(admin_dsn, "bench_journal") as dsn:
+    with server(args.dsn) as admin_dsn, migrated_database(admin_dsn, "bench_journal") as dsn:
         rate, batches = journal_rate(dsn, events, args.appenders, args.group,
                                      args.max_batch, args.max_delay)
         with psycopg.connect(dsn) as conn:

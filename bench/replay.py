@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from bench.journal import scratch_database, server
+from bench.journal import migrated_database, server
 from events import types as ev
 from events.audit import audit_main, rebuild_main
 from events.journal import append_bulk
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--tokens", type=int, default=100_000)
     args = parser.parse_args(argv)
-    with server(args.dsn) as admin_dsn, scratch_database(admin_dsn, "bench_replay") as dsn:
+    with server(args.dsn) as admin_dsn, migrated_database(admin_dsn, "bench_replay") as dsn:
         start = time.perf_counter()
         count = append_bulk(dsn, realistic_log(args.events, args.tokens))
         seeded = time.perf_counter() - start

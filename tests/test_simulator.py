@@ -6,8 +6,6 @@ import base64
 import json
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +24,7 @@ from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, Stre
 from relay.apns.jwt import b64url, load_signing_key, make_jwt
 from relay.config import ApnsConfig
 from relay.simulator import ApnsSimulator, ScriptedOutcome, embedded_simulator
-from relay.simulator.cli import parse_outcomes
+from relay.simulator.cli import parse_outcomes, spawn
 from relay.simulator.credentials import Certificate, CertificateAuthority
 from relay.simulator.server import Action
 from relay.simulator.validation import (
@@ -369,19 +367,10 @@ def test_parse_outcomes() -> None:
 
 
 def test_cli_serves_an_operators_configuration(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "relay.simulator.cli", "--listen", "127.0.0.1:0",
-               "--topic", TOPIC, "--generate-key", "--workdir", str(tmp_path),
-               "--script", f"{token(2)}=410:Unregistered"]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, cwd=Path(__file__).resolve().parent.parent)
+    child, values = spawn(["--listen", "127.0.0.1:0", "--topic", TOPIC, "--generate-key",
+                           "--workdir", str(tmp_path),
+                           "--script", f"{token(2)}=410:Unregistered"], quiet_stderr=True)
     try:
-        assert child.stdout is not None
-        values: dict[str, str] = {}
-        for line in child.stdout:
-            key, _, value = line.strip().partition(": ")
-            values[key] = value
-            if key == "key_file":
-                break
         config = ApnsConfig(endpoint=values["endpoint"], ca_file=Path(values["ca_file"]),
                             topic=values["topic"], key_file=Path(values["key_file"]),
                             key_id=values["key_id"], team_id=values["team_id"])
@@ -397,20 +386,11 @@ def test_cli_tries_a_certificate_configuration(tmp_path: Path) -> None:
     authority = CertificateAuthority(tmp_path)
     sandbox = authority.issue_push_certificate("sandbox", TOPIC, ("sandbox",))
     production = authority.issue_push_certificate("production", TOPIC, ("production",))
-    command = [sys.executable, "-m", "relay.simulator.cli", "--listen", "127.0.0.1:0",
-               "--topic", TOPIC, "--client-ca", str(authority.ca_file),
-               "--environment", "sandbox", "--workdir", str(tmp_path / "sim")]
     (tmp_path / "sim").mkdir()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, cwd=Path(__file__).resolve().parent.parent)
+    child, values = spawn(["--listen", "127.0.0.1:0", "--topic", TOPIC,
+                           "--client-ca", str(authority.ca_file), "--environment", "sandbox",
+                           "--workdir", str(tmp_path / "sim")], quiet_stderr=True)
     try:
-        assert child.stdout is not None
-        values: dict[str, str] = {}
-        for line in child.stdout:
-            key, _, value = line.strip().partition(": ")
-            values[key] = value
-            if key == "topic":
-                break
         answers = []
         for cert in (sandbox, production):
             config = ApnsConfig(endpoint=values["endpoint"], ca_file=Path(values["ca_file"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -144,13 +145,33 @@ def main(argv: Sequence[str]) -> int:
         print(f"  key_id: {key_id}\n  team_id: {team_id}")
     if key_file:
         print(f"  key_file: {key_file}")
-    sys.stdout.flush()
+    print(flush=True)  # the blank line ends the block (see `spawn`)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     simulator.stop()
     return EXIT_OK
+
+
+def spawn(options: Sequence[str], *, cwd: Path | None = None,
+          quiet_stderr: bool = False) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """This CLI in a child process (tests, benchmarks) and the `apns:` values it printed.
+
+    The child answers SIGTERM by stopping cleanly (exit status 0).
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-m", "relay.simulator.cli", *options], stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL if quiet_stderr else None, text=True, cwd=cwd)
+    assert child.stdout is not None
+    values: dict[str, str] = {}
+    for line in child.stdout:
+        if not line.strip() and "endpoint" in values:
+            return child, values
+        key, separator, value = line.strip().partition(": ")
+        if separator:
+            values[key] = value
+    raise RuntimeError(f"the simulator exited with status {child.wait()} before it was ready")
 
 
 if __name__ == "__main__":
