@@ -49,7 +49,7 @@ APPEND_LATENCY = Histogram(
 )
 APPEND_BATCH_SIZE = Histogram(
     "relay_event_append_batch_size", "Events per group-commit transaction.",
-    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=REGISTRY,
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 4000), registry=REGISTRY,
 )
 BREAKER_OPEN = Gauge(
     "relay_circuit_breaker_open", "1 while sending is paused because APNs is in trouble.",
