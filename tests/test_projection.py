@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -128,16 +129,14 @@ def random_log(rng: random.Random, length: int) -> list[ev.Event]:
     return events
 
 
-def read_tables(dsn: str) -> State:
-    state = State()
+def read_tables(dsn: str) -> tuple[dict[str, tuple[Any, ...]], dict[int, tuple[Any, ...]]]:
+    """(devices, runs) as the tables hold them, rows in the fold's column order."""
     with psycopg.connect(dsn) as conn:
-        for token, *rest in conn.execute(
-                f"SELECT token, {', '.join(projection.DEVICE_COLUMNS)} FROM devices"):
-            state.devices[token] = tuple(rest)  # type: ignore[assignment]
-        for run, *rest in conn.execute(
-                f"SELECT run, {', '.join(projection.RUN_COLUMNS)} FROM runs"):
-            state.runs[run] = tuple(rest)  # type: ignore[assignment]
-    return state
+        devices = {token: tuple(rest) for token, *rest in conn.execute(
+            f"SELECT token, {', '.join(projection.DEVICE_COLUMNS)} FROM devices")}
+        runs = {run: tuple(rest) for run, *rest in conn.execute(
+            f"SELECT run, {', '.join(projection.RUN_COLUMNS)} FROM runs")}
+    return devices, runs
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -156,9 +155,9 @@ def test_tables_kept_by_the_journal_equal_the_fold(dsn: str, seed: int) -> None:
             future.result(20)
     finally:
         journal.stop(5)
-    tables, expected = read_tables(dsn), fold(events)
-    assert tables.devices == expected.devices
-    assert tables.runs == expected.runs
+    (devices, runs), expected = read_tables(dsn), fold(events)
+    assert devices == expected.devices
+    assert runs == expected.runs
 
 
 # --- LogReader ------------------------------------------------------------------------
