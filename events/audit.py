@@ -677,9 +677,9 @@ def rebuild_main(dsn: str, argv: list[str] | None = None) -> int:
         finally:
             if progress is not None:
                 progress.close()
-        write_tables(cur, result.state)
+        devices = write_tables(cur, result.state)
         conn.commit()
-    print(f"rebuilt devices ({len(result.state.devices):,} rows) and runs "
+    print(f"rebuilt devices ({devices:,} rows) and runs "
           f"({len(result.state.runs):,} rows) from {result.events:,} events")
     return EXIT_OK
 
@@ -688,12 +688,14 @@ DEVICE_COPY_TYPES = ["text", "bool", "int8", "int8", "text", "int8", "int4", "in
                      "text"]
 
 
-def write_tables(cur: psycopg.Cursor[Any], state: State) -> None:
-    """Replace the cache tables' contents with `state`."""
+def write_tables(cur: psycopg.Cursor[Any], state: State) -> int:
+    """Replace the cache tables' contents with `state`; returns the number of devices."""
     cur.execute("TRUNCATE devices, runs")
     columns = ", ".join(projection.DEVICE_COLUMNS)
     with cur.copy(f"COPY devices (token, {columns}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(DEVICE_COPY_TYPES)
-        for token, row in state.devices.items():
+        devices = state.devices
+        for token, row in devices.items():
             copy.write_row((token, *row))
     projection.write_runs(cur, state.runs.items())
+    return len(devices)

@@ -320,8 +320,7 @@ class BatchPatch:
         apply = state.apply
         for type_, data in batch:
             apply(type_, data)
-        self.device_count = len(state.devices)
-        self.device_rows = _patch_rows(state.devices) if state.devices else b""
+        self.device_rows, self.device_count = _patch_rows(state)
         self.runs = _run_columns(
             (number, (None if started is KEEP else started, None if finished is KEEP else finished,
                       0 if tokens is KEEP else tokens, *counts))
@@ -359,24 +358,34 @@ _FINAL_FIELDS = {final: codec.copy_text(final)
                  for final in (None, FINAL_DELIVERED, FINAL_ABANDONED, FINAL_DEAD)}
 
 
-def _patch_rows(devices: Mapping[str, DeviceRow]) -> bytes:
-    """Binary COPY data: (mask, token, columns), KEEP columns holding NEW_DEVICE's value."""
+def _patch_rows(patch: State) -> tuple[bytes, int]:
+    """Binary COPY data of the devices a patch decides, (mask, token, columns) with KEEP
+    columns holding NEW_DEVICE's value, and the number of rows. Read from the parts as
+    the patch keeps them: most rows decide one part only."""
+    registrations, deliveries = patch.registrations, patch.deliveries
+    if not registrations and not deliveries:
+        return b"", 0
     parts = [codec.COPY_SIGNATURE]
     header = codec.copy_row_header(2 + len(DEVICE_COLUMNS))
     text, int8, int4 = codec.copy_text, codec.copy_int8, codec.copy_int4
     run_and_attempts, finals = _RUN_AND_ATTEMPTS, _FINAL_FIELDS
-    for token, row in devices.items():
-        (active, registered, unregistered, cause, run, attempts, next_at,
-         apns_id, final) = row
-        if active is KEEP and run is not KEEP:  # the common case in a run: delivery only
+    rows = 0
+    for token, (run, attempts, next_at, apns_id, final) in deliveries.items():
+        if token not in registrations:  # the common case in a run: delivery only
+            rows += 1
             parts += (_DELIVERY_ROW, text(token), _NO_REGISTRATION,
                       run_and_attempts(8, run, 4, attempts), int8(next_at), text(apns_id),
                       finals[final])
-            continue
-        if run is KEEP and registered is not KEEP:  # registration only, e.g. a new device
+    no_delivery = _UNSET_PARTS[True][1]
+    for token, registration in registrations.items():
+        rows += 1
+        delivery = deliveries.get(token)
+        if delivery is None and registration[1] is not KEEP:  # e.g. a new device
+            active, registered, unregistered, cause = registration
             parts += (_REGISTRATION_ROW, text(token), codec.copy_bool(active), int8(registered),
                       int8(unregistered), text(cause), _NO_DELIVERY)
             continue
+        row = registration + (delivery or no_delivery)
         mask = 0
         values: list[Any] = list(row)
         for i, value in enumerate(row):
@@ -390,7 +399,7 @@ def _patch_rows(devices: Mapping[str, DeviceRow]) -> bytes:
                   int8(unregistered), text(cause), int8(run), int4(attempts), int8(next_at),
                   text(apns_id), text(final))
     parts.append(codec.COPY_TRAILER)
-    return b"".join(parts)
+    return b"".join(parts), rows
 
 
 def write_runs(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, RunRow]]) -> None:
