@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from events import audit
 from events import types as ev
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
@@ -88,6 +89,19 @@ def test_until_replays_a_prefix(log: str, capsys: pytest.CaptureFixture[str]) ->
     assert report["runs"][0]["finished_at"] is None
     epoch = str((T0 + 2) / 1000)
     assert audit_json(log, capsys, "--until", epoch)[1]["events"] == 3
+
+
+@pytest.mark.parametrize("until", [T0 + 1, T0 + 1002, T0 + 60_001])
+def test_worker_processes_agree_with_one_process(log: str, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 until: int) -> None:
+    """Slices of 4 events: --until stops in this process's slice (1-4) or in a worker's
+    (5-8, 9-11); a token's history spans all three."""
+    monkeypatch.setattr(audit, "MIN_SLICE", 4)
+    for args in (["--until", ev.iso_ms(until), "--verify"], ["--token", B, "--verify"]):
+        alone = audit_json(log, capsys, *args, "--jobs", "1")
+        assert audit_json(log, capsys, *args, "--jobs", "3") == alone
+        assert alone[0] == 0
 
 
 def test_token_history(log: str, capsys: pytest.CaptureFixture[str]) -> None:
