@@ -490,6 +490,24 @@ def _parse_time(text: str) -> int:
             f"expected an ISO 8601 time or epoch seconds, got {text!r}") from None
 
 
+def _token(text: str) -> str:
+    try:
+        return normalize_token(text)
+    except InvalidToken as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _processes(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, "
+                                         f"got {text!r}")
+    return count
+
+
 def _audit_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m relay audit",
@@ -498,9 +516,11 @@ def _audit_parser() -> argparse.ArgumentParser:
                         help="stop at the first event stamped after TIME "
                              "(ISO 8601, e.g. 2026-11-25T19:00:00Z, or epoch seconds)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    parser.add_argument("--token", metavar="T", help="that token's whole history")
-    parser.add_argument("--jobs", type=int, metavar="N",
-                        help="worker processes replaying slices of the log (default: 1 "
+    parser.add_argument("--token", metavar="T", type=_token,
+                        help="that token's whole history")
+    parser.add_argument("--jobs", type=_processes, metavar="N",
+                        help="processes replaying slices of the log, this one and N-1 "
+                             "workers (default: 1 "
                              f"below {PARALLEL_MIN_EVENTS:,} events, else the CPU count)")
     parser.add_argument("--verify", action="store_true",
                         help="check the hash chain, the positions and the cached tables; "
@@ -508,19 +528,35 @@ def _audit_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def audit_main(dsn: str, argv: list[str]) -> int:
-    parser = _audit_parser()
+def _rebuild_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m relay rebuild",
+        description="Rebuild the cached tables (devices, runs) from the event log.")
+
+
+_PARSERS = {"audit": _audit_parser, "rebuild": _rebuild_parser}
+
+
+def _parse(command: str, argv: list[str]) -> argparse.Namespace | int:
+    """The arguments, or the exit status once help or a usage error is printed."""
     try:
-        args = parser.parse_args(argv)
+        return _PARSERS[command]().parse_args(argv)
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
-    token = None
-    if args.token is not None:
-        try:
-            token = normalize_token(args.token)
-        except InvalidToken as exc:
-            print(f"audit: --token: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+
+
+def usage_status(command: str, argv: list[str]) -> int | None:
+    """For `audit` or `rebuild`: the exit status when `argv` asks for help or is wrong
+    (printed), else None. Checked before the database starts, so neither starts one."""
+    parsed = _parse(command, argv)
+    return parsed if isinstance(parsed, int) else None
+
+
+def audit_main(dsn: str, argv: list[str]) -> int:
+    args = _parse("audit", argv)
+    if isinstance(args, int):
+        return args
+    token: str | None = args.token
     with connect(dsn, application_name="relay-audit") as conn:
         _read_only_snapshot(conn)
         with conn.cursor() as cur:
@@ -664,13 +700,9 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
 
 def rebuild_main(dsn: str, argv: list[str] | None = None) -> int:
     """Rewrite the cache tables from the log, in one transaction."""
-    parser = argparse.ArgumentParser(
-        prog="python -m relay rebuild",
-        description="Rebuild the cached tables (devices, runs) from the event log.")
-    try:
-        parser.parse_args(argv or [])
-    except SystemExit as exc:
-        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    status = usage_status("rebuild", argv or [])
+    if status is not None:
+        return status
     with connect(dsn, application_name="relay-rebuild") as conn, conn.cursor() as cur:
         # The head lock keeps the Journal out until COMMIT, so no append is missed.
         cur.execute("SELECT position FROM log_head FOR UPDATE")

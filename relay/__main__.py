@@ -2,8 +2,10 @@
 
 Exit statuses: 0 done (also after SIGTERM/SIGINT drained a run); 1 the audit
 found a mismatch, a runtime failure, or crashes came faster than the supervisor
-may restart them; 2 bad configuration or usage; 9 APNs reported a relay bug or a
-configuration error (a `relay_halted` event says which and why).
+may restart them; 2 bad configuration or usage; 3 the database could not be
+reached (for 30 s at start) or was lost during a command, so nothing was checked;
+9 APNs reported a relay bug or a configuration error (a `relay_halted` event says
+which and why).
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ from collections.abc import Sequence
 from relay import NAME, __version__
 from relay.config import ConfigError, load_config
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_HALTED = 9
 
 log = logging.getLogger("relay")
 
@@ -54,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.simulator.cli import main as simulator_main
 
         return simulator_main(rest)
+    if command in ("audit", "rebuild"):
+        from events.audit import usage_status
+
+        status = usage_status(command, rest)
+        if status is not None:
+            return status
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -43,7 +43,7 @@ from relay.database import DatabaseError, connect
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_HALTED = 0, 1, 9
+EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_HALTED = 0, 1, 3, 9
 JOURNAL_STOP_TIMEOUT = 30.0
 RUN_LOCK_KEY = 0x72756E73  # "runs"
 # How often a process waiting for another's run lock asks again (and notices a stop).
@@ -393,4 +393,7 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
                 return supervisor.run()
     except DatabaseError as exc:
         log.critical("%s", exc)
-        return EXIT_FAILURE
+        return EXIT_UNAVAILABLE
+    except psycopg.OperationalError as exc:  # lost during a command (audit, rebuild)
+        log.critical("lost the database: %s", exc)
+        return EXIT_UNAVAILABLE

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 import relay_fixtures
 from relay_fixtures import (
     WAIT,
@@ -64,3 +65,38 @@ def test_register_then_wakeup_delivers_exactly_once(
     assert delivered == [TOKEN.lower()]
     assert [kind for kind, _ in rows].count("run_started") == 2  # the supervisor's, the wakeup's
     assert [kind for kind, _ in rows].count("run_finished") == 2
+
+
+def test_audit_help_and_usage_errors_never_reach_the_database(tmp_path: Path) -> None:
+    """A DSN that nothing answers: had the command connected, it would fail otherwise."""
+    config = tmp_path / "relay.yaml"
+    config.write_text("database:\n  dsn: 'postgresql://relay@127.0.0.1:9/nowhere'\n")
+
+    def relay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "-c", str(config), *args],
+                              capture_output=True, text=True, timeout=WAIT)
+
+    for command in ("audit", "rebuild"):
+        shown = relay(command, "--help")
+        assert (shown.returncode, shown.stdout.startswith(f"usage: python -m relay {command}")
+                ) == (0, True), shown.stderr
+    for args, problem in ((["--jobs", "0"], "argument --jobs: expected a whole number"),
+                          (["--token", "xyz"], "argument --token: token must contain only hex"),
+                          (["--until", "soon"], "argument --until: expected an ISO 8601 time")):
+        refused = relay("audit", *args)
+        assert refused.returncode == 2 and problem in refused.stderr, refused.stderr
+
+
+def test_an_unreachable_database_is_not_a_failed_audit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Exit 1 tells an auditor the log is wrong; a database out of reach must not say so."""
+    from relay import environment
+    from relay.config import load_config
+    from relay.supervisor import EXIT_UNAVAILABLE, run_command
+
+    config = tmp_path / "relay.yaml"
+    config.write_text("database:\n  dsn: 'postgresql://relay@127.0.0.1:9/nowhere'\n")
+    monkeypatch.setattr(environment, "DATABASE_WAIT", 0.5)
+    assert run_command("audit", load_config(str(config)), ["--verify"]) == EXIT_UNAVAILABLE
+    assert "cannot reach the database" in caplog.text
