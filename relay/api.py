@@ -55,7 +55,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import NAME, __version__
-from relay.config import Config
+from relay.config import ApnsConfig, Config
 from relay.metrics import REGISTRY
 from relay.ratelimit import RateLimiter
 from relay.tokens import InvalidToken, normalize_token, redact
@@ -303,8 +303,8 @@ class _Api:
     """The request handlers; all run on the API's event loop thread."""
 
     def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource,
-                 openapi: bytes) -> None:
-        self._config, self._registry, self._health = config, registry, health
+                 openapi: bytes, served: dict[str, Any]) -> None:
+        self._registry, self._health, self._served = registry, health, served
         self._http = config.http
         self._openapi = openapi
         self._limiter = RateLimiter(self._http.rate_limit, self._http.rate_burst)
@@ -448,9 +448,7 @@ class _Api:
     # --- operator endpoints ---
 
     async def config(self, request: web.Request) -> web.Response:
-        apns = self._config.apns
-        return web.json_response({"name": NAME, "version": __version__,
-                                  "topic": apns.topic, "environment": apns.environment})
+        return web.json_response(self._served)
 
     async def health(self, request: web.Request) -> web.Response:
         database, worker = self._health.database_available(), self._health.worker_alive()
@@ -514,9 +512,16 @@ def openapi_document() -> bytes:
 class ApiServer:
     """The API's listeners on a thread of their own, so no actor ever waits on a socket."""
 
-    def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource) -> None:
+    def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource, *,
+                 apns: ApnsConfig | None = None, simulated: bool = False) -> None:
+        """`apns`: the APNs settings in use, when not `config.apns` (the built-in simulator's,
+        then `simulated`): what `GET /config` reports."""
         self._config = config
-        self._api = _Api(config, registry, health, openapi_document())
+        served = apns or config.apns
+        self._api = _Api(config, registry, health, openapi_document(), {
+            "name": NAME, "version": __version__, "topic": served.topic,
+            "environment": "simulator" if simulated else served.environment,
+            "endpoint": served.url})
         self.bound_address: tuple[str, int] = config.http.listen
         self.metrics_address: tuple[str, int] | None = None
         self._thread: threading.Thread | None = None

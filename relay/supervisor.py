@@ -38,7 +38,7 @@ from events.journal import Journal
 from events.store import LogReader
 from relay import environment
 from relay.apns.processes import NotificationClient, open_client
-from relay.config import Config
+from relay.config import ApnsConfig, Config
 from relay.database import DatabaseError, connect
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Parts:
     registry: RegistryHandle
     client: NotificationClient
     runner: WakeupRunner
+    apns: ApnsConfig  # the APNs settings in use: the configured ones or the simulator's
 
 
 def freeze_startup_heap() -> None:
@@ -124,7 +125,7 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
                     runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client,
                                           registry=registry)
                     freeze_startup_heap()
-                    yield Parts(journal, registry, client, runner)
+                    yield Parts(journal, registry, client, runner, apns_config)
                 finally:
                     client.close()
             finally:
@@ -361,7 +362,8 @@ class Supervisor:
         """Serve until stopped, halted or escalated; returns the exit status."""
         from relay.api import ApiServer
 
-        api = ApiServer(self.config, self.parts.registry, self)
+        api = ApiServer(self.config, self.parts.registry, self, apns=self.parts.apns,
+                        simulated=not self.config.apns.credentials_given)
         api.start()
         host, port = api.bound_address
         log.info("device API listening on http://%s:%d", host, port)

@@ -449,7 +449,8 @@ def test_config_names_the_relay_and_what_it_serves(client: Client) -> None:
     status, _, body = client.request("GET", "/config")
     assert status == 200
     assert body == {"name": "apns-relay", "version": relay.__version__,
-                    "topic": "org.example.wallet", "environment": "sandbox"}
+                    "topic": "org.example.wallet", "environment": "sandbox",
+                    "endpoint": "https://api.sandbox.push.apple.com"}
 
 
 def test_health_is_200_only_with_database_and_worker(client: Client, health: Health) -> None:

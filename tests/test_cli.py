@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -49,6 +51,10 @@ def test_register_then_wakeup_delivers_exactly_once(
     wait_healthy(url, supervisor)
     _wait_first_run(dsn)
     assert api_request(f"{url}/devices", "POST", {"token": TOKEN})[0] == 200
+    with urllib.request.urlopen(f"{url}/config", timeout=10) as answer:
+        served = json.load(answer)
+    assert served["environment"] == "simulator"
+    assert served["endpoint"].startswith("https://127.0.0.1:")
     wakeup = subprocess.run([sys.executable, "-m", "relay", "-c", str(config), "wakeup"],
                             capture_output=True, text=True, timeout=120)
     assert wakeup.returncode == 0, wakeup.stderr
