@@ -364,9 +364,7 @@ class Supervisor:
 
         api = ApiServer(self.config, self.parts.registry, self, apns=self.parts.apns,
                         simulated=not self.config.apns.credentials_given)
-        api.start()
-        host, port = api.bound_address
-        log.info("device API listening on http://%s:%d", host, port)
+        api.start()  # it logs the addresses it listens on
         try:
             self._worker.start()
             self._watch()
