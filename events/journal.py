@@ -193,8 +193,23 @@ class Journal:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the Journal is already started")
+        self._start_writer()
+
+    def _start_writer(self) -> None:
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        """False once the writer crashed (a bug): appends queue until `restart`."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def restart(self) -> None:
+        """A new writer after a crash; what was queued meanwhile is written in order."""
+        with self._cond:
+            if self._stopping or self.alive():
+                return
+        log.warning("restarting the Journal's writer")
+        self._start_writer()
 
     def append(self, events: Sequence[Event]) -> Future[list[int]]:
         """Queue events; the future resolves with their positions after COMMIT.
@@ -243,15 +258,23 @@ class Journal:
     # --- the writer thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        batch: list[_Request] = []
         try:
             while True:
                 batch = self._take_batch()
                 if not batch:
                     return
                 self._commit(batch)
+        except Exception as exc:
+            # A bug, not the database (its errors are handled in _commit): that batch may
+            # be the cause, so it is failed, not retried; its callers see an error, never
+            # a success. Whatever is queued waits for the supervisor's `restart`.
+            log.critical("the Journal's writer crashed on a batch of %d events",
+                         sum(len(r.events) for r in batch), exc_info=True)
+            self._fail([r for r in batch if not r.future.done()],
+                       JournalError(f"the Journal's writer crashed: {exc!r}"))
         finally:
-            if self._conn is not None:
-                self._conn.close()
+            self._discard_connection()
 
     def _take_batch(self) -> list[_Request]:
         """Block for the first request, then gather more until full or max_delay passed."""

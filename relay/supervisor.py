@@ -299,7 +299,9 @@ class Supervisor:
         self._worker = threading.Thread(target=self._wakeups, name="wakeup-worker", daemon=True)
 
     def database_available(self) -> bool:
-        return self.parts.journal.database_available
+        """False also while the Journal's writer is down: the log cannot be written."""
+        journal = self.parts.journal
+        return journal.database_available and journal.alive()
 
     def worker_alive(self) -> bool:
         return self._worker.is_alive()
@@ -346,17 +348,21 @@ class Supervisor:
             self.stopping.wait(max(0.0, delay))
 
     def _watch(self) -> None:
-        """Restart a crashed Registry with back-off; too many restarts escalate."""
+        """Restart a crashed Registry or Journal writer with back-off; too many restarts
+        (of either, counted together) escalate."""
+        watched = (("the Registry", self.parts.registry),
+                   ("the Journal's writer", self.parts.journal))
         while not self.stopping.wait(self.policy.check_every):
-            if self.parts.registry.alive():
-                continue
-            pause = self._restart_pause("the Registry")
-            if pause is None:
-                return
-            log.warning("the Registry crashed; restarting it in %.1fs", pause)
-            if self.stopping.wait(pause):
-                return
-            self.parts.registry.restart()
+            for what, part in watched:
+                if part.alive():
+                    continue
+                pause = self._restart_pause(what)
+                if pause is None:
+                    return
+                log.warning("%s crashed; restarting it in %.1fs", what, pause)
+                if self.stopping.wait(pause):
+                    return
+                part.restart()
 
     def run(self) -> int:
         """Serve until stopped, halted or escalated; returns the exit status."""

@@ -17,7 +17,7 @@ from psycopg import conninfo
 from events import codec
 from events import journal as journal_module
 from events import types as ev
-from events.journal import Journal, JournalStopped, append_bulk
+from events.journal import Journal, JournalError, JournalStopped, append_bulk
 
 TOKEN = "ab" * 32
 
@@ -124,6 +124,34 @@ def test_malformed_events_fail_their_future_only(journal: Journal) -> None:
         with pytest.raises(codec.EventEncodingError):
             future.result(10)
     assert good.result(10) == [1]
+
+
+def test_a_crashed_writer_fails_its_batch_and_a_restart_writes_the_queue(
+        dsn: str, journal: Journal, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the writer: its batch gets an error (never a success), appends made while
+    it is down wait, and the restarted writer commits them in order after the rest."""
+    assert journal.append([registered(1)]).result(10) == [1]
+    original = Journal._write
+
+    def crashing(self: Journal, *args: Any) -> int:
+        monkeypatch.setattr(Journal, "_write", original)
+        raise RuntimeError("injected writer bug")
+
+    monkeypatch.setattr(Journal, "_write", crashing)
+    with pytest.raises(JournalError, match="injected writer bug"):
+        journal.append([registered(2)]).result(10)
+    deadline = time.monotonic() + 10
+    while journal.alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    waiting = journal.append([registered(3), registered(4)])
+    time.sleep(0.1)
+    assert not waiting.done()
+    journal.restart()
+    assert waiting.result(10) == [2, 3]
+    assert journal.alive() and count_events(dsn) == 3
+    assert "the Journal's writer crashed on a batch of 1 events" in caplog.text
 
 
 def test_stop_flushes_then_refuses(dsn: str) -> None:

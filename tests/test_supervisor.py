@@ -24,6 +24,7 @@ from relay_fixtures import register
 from actors.registry import Registry
 from actors.sender import SenderShard
 from events import types as ev
+from events.journal import Journal
 from relay.config import ApnsConfig, Config, DatabaseConfig, HttpConfig, WakeupConfig
 from relay.simulator import ApnsSimulator
 from relay.supervisor import (
@@ -138,6 +139,37 @@ def test_a_crashed_registry_is_restarted_after_a_back_off(
     registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
     assert registered == [token(2)]
     assert any("the Registry crashed; restarting it in" in r.getMessage() for r in caplog.records)
+
+
+def test_a_crashed_journal_writer_is_restarted_and_health_says_so_meanwhile(
+        supervise: Supervise, dsn: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="relay.supervisor")
+    running = supervise()
+    journal = running.supervisor.parts.journal
+    original = Journal._write
+    crashed = threading.Event()
+
+    def crashing(self: Journal, *args: Any) -> int:
+        monkeypatch.setattr(Journal, "_write", original)
+        crashed.set()
+        raise RuntimeError("injected Journal bug")
+
+    monkeypatch.setattr(Journal, "_write", crashing)
+    lost = running.supervisor.parts.registry.register(token(1))
+    assert crashed.wait(WAIT)
+    _until(lambda: not running.supervisor.database_available(), "health to show the crash")
+    _until(journal.alive, "the restart")
+    running.supervisor.parts.registry.register(token(2)).result(WAIT)
+
+    with pytest.raises(Exception, match="injected Journal bug"):
+        lost.result(WAIT)
+    assert running.supervisor.database_available()
+    assert running.finish() == EXIT_OK
+    registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
+    assert registered == [token(2)]
+    assert any("the Journal's writer crashed; restarting it in" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_crashes_faster_than_the_policy_allows_end_the_process_with_status_1(
