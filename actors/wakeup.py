@@ -67,8 +67,11 @@ class WakeupRunner:
         self._dispatcher: pykka.ActorRef[Dispatcher] | None = None
         self._stop: Future[None] = Future()
 
-    def run_once(self, progress: ProgressCallback | None = None) -> RunResult:
-        """Run (or resume) one wakeup to its end, a halt, or a requested stop."""
+    def run_once(self, progress: ProgressCallback | None = None, *,
+                 lost: Future[None] | None = None) -> RunResult:
+        """Run (or resume) one wakeup to its end, a halt, or a requested stop. `lost`
+        resolved (from any thread) drains this run as a stop does, without refusing the
+        next: the run lock was lost (relay.supervisor.drive_run)."""
         if self._stop.done():
             return RunResult(run=None, finished=False, stopped=True)
         reader = LogReader(self._dsn)
@@ -81,7 +84,7 @@ class WakeupRunner:
             if self._stop.done():
                 ref.tell(Drain())
         try:
-            return self._wait(ref, done)
+            return self._wait(ref, done, lost)
         finally:
             with self._lock:
                 self._dispatcher = None
@@ -102,11 +105,14 @@ class WakeupRunner:
     def stop_requested(self) -> bool:
         return self._stop.done()
 
-    def _wait(self, ref: pykka.ActorRef[Dispatcher], done: Future[RunResult]) -> RunResult:
-        waiting: list[Future[Any]] = [done, self._stop]
+    def _wait(self, ref: pykka.ActorRef[Dispatcher], done: Future[RunResult],
+              lost: Future[None] | None) -> RunResult:
+        waiting: list[Future[Any]] = [done, self._stop, *([lost] if lost else [])]
         concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         if done.done():
             return done.result()
+        if not self._stop.done():
+            ref.tell(Drain())  # the lock was lost
         timeout = max(0.0, self._config.wakeup.drain_timeout - STOP_RESERVE)
         try:
             return done.result(timeout=timeout)

@@ -22,8 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -48,6 +50,8 @@ JOURNAL_STOP_TIMEOUT = 30.0
 RUN_LOCK_KEY = 0x72756E73  # "runs"
 # How often a process waiting for another's run lock asks again (and notices a stop).
 RUN_LOCK_POLL = 0.5
+# How often the holder checks that its lock's session is still there.
+RUN_LOCK_CHECK = 1.0
 # The hard exit after SIGTERM/SIGINT comes this much before `wakeup.drain_timeout` runs out,
 # so that the process is gone within it even counting the exit itself.
 EXIT_MARGIN = 0.1
@@ -135,25 +139,88 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
 
 
 @contextmanager
-def run_lock(dsn: str, stopping: threading.Event) -> Iterator[bool]:
+def run_lock(dsn: str, stopping: threading.Event,
+             on_lost: Callable[[], None] | None = None) -> Iterator[bool]:
     """Hold the database-wide run lock: one relay process drives a run at a time.
 
     Without it, `relay wakeup` started beside a supervisor in the middle of a run
     would resume that same run and send its tokens twice. A session-level advisory
     lock is released by PostgreSQL when the holder dies, so a crash never leaves it
     held. Yields False (run nothing) when `stopping` is set before the lock is ours.
+
+    The session also ends when the database restarts, and the lock with it, while this
+    process may still be driving its run. So the session is checked every
+    RUN_LOCK_CHECK seconds, and `on_lost` is called (once, from another thread) when it
+    is gone: the caller must stop sending (see `drive_run`).
     """
     conn = _take_run_lock(dsn, stopping)
     if conn is None:
         yield False
         return
+    watch = _RunLockWatch(conn, on_lost) if on_lost is not None else None
     try:
         yield True
     finally:
+        if watch is not None:
+            watch.stop()
         # A session lost meanwhile (database restart) has released the lock already.
         with contextlib.suppress(psycopg.Error):
             conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
         conn.close()
+
+
+class _RunLockWatch:
+    """Asks the session holding the run lock whether it is still there."""
+
+    def __init__(self, conn: psycopg.Connection[Any], on_lost: Callable[[], None]) -> None:
+        self._conn, self._on_lost = conn, on_lost
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="run-lock-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(RUN_LOCK_CHECK):
+            try:
+                self._conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                log.warning("lost the run lock with its database session (%s): draining "
+                            "the run; it is taken up again once the lock is ours again",
+                            _first_line(exc))
+                self._on_lost()
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+
+def drive_run(dsn: str, runner: WakeupRunner, stopping: threading.Event,
+              progress: ProgressCallback) -> RunResult | None:
+    """Run (or resume) one wakeup under the run lock; None when stopped before the lock
+    was ours. A lost lock drains the run (sends still in flight may be repeated by the
+    next driver, as after a crash), then the lock is taken again and the run resumed,
+    unless another process finished it meanwhile."""
+    result: RunResult | None = None
+    while True:
+        lost: Future[None] = Future()
+        with run_lock(dsn, stopping, on_lost=partial(lost.set_result, None)) as locked:
+            if not locked:
+                return result
+            if result is not None and not _unfinished_run(dsn):
+                log.info("run %s was finished by another relay process", result.run)
+                return result
+            result = runner.run_once(progress=progress, lost=lost)
+        if (not lost.done() or result.finished or result.halted is not None
+                or stopping.is_set()):
+            return result
+
+
+def _unfinished_run(dsn: str) -> bool:
+    reader = LogReader(dsn)
+    try:
+        return reader.unfinished_run() is not None
+    finally:
+        reader.close()
 
 
 def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[Any] | None:
@@ -163,7 +230,7 @@ def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[An
     while not stopping.is_set():
         conn: psycopg.Connection[Any] | None = None
         try:
-            conn = connect(dsn, autocommit=True)
+            conn = connect(dsn, autocommit=True, application_name="relay-run-lock")
             while not stopping.is_set():
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
                 if row and row[0]:
@@ -237,8 +304,8 @@ def wakeup_once(config: Config, dsn: str) -> int:
         bar = ProgressBar() if sys.stderr.isatty() else None
         progress: ProgressCallback = bar or ProgressLogger(config.wakeup.progress_interval)
         shown = bar.showing() if bar is not None else contextlib.nullcontext()
-        with shown, run_lock(dsn, stopping) as locked:
-            result = parts.runner.run_once(progress=progress) if locked else None
+        with shown:
+            result = drive_run(dsn, parts.runner, stopping, progress)
         if result is None:
             log.info("wakeup: stopped before the run started")
             return EXIT_OK
@@ -330,8 +397,7 @@ class Supervisor:
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
-                with run_lock(self.dsn, self.stopping) as locked:
-                    result = self.parts.runner.run_once(progress=progress) if locked else None
+                result = drive_run(self.dsn, self.parts.runner, self.stopping, progress)
             except Exception:
                 log.exception("the wakeup run crashed")
                 pause = self._restart_pause("the wakeup run")

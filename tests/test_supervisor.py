@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import apns_fixtures
+import psycopg
 import pytest
 from apns_fixtures import SimulatorFactory, token
 from relay_fixtures import events as read_events
@@ -30,6 +31,8 @@ from relay.simulator import ApnsSimulator
 from relay.supervisor import (
     EXIT_FAILURE,
     EXIT_OK,
+    RUN_LOCK_CHECK,
+    RUN_LOCK_KEY,
     RestartBudget,
     RestartPolicy,
     Supervisor,
@@ -265,3 +268,50 @@ def test_the_run_lock_admits_one_process_and_gives_way_to_a_stop(dsn: str) -> No
         assert second.result(WAIT) is False
     with run_lock(dsn, never) as again:
         assert again, "the lock is free once its holder leaves"
+
+
+def test_a_lost_run_lock_stops_the_sends_until_the_lock_is_back_then_the_run_resumes(
+        supervise: Supervise, dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A database restart ends the session holding the run lock: another process waiting
+    for it may take it. The holder notices within RUN_LOCK_CHECK, drains, and resumes
+    the run only once the lock is its own again; no token gets two outcomes."""
+    caplog.set_level(logging.INFO)
+    supervise.simulator.latency = 0.05
+    tokens = [token(i) for i in range(1, 401)]  # ~100 sends/s: a run of ~4 s
+    register(dsn, tokens)
+    running = supervise(max_in_flight=5, interval=3600)
+    _until(lambda: len(supervise.simulator.requests) >= 20, "the run to start sending")
+
+    held: list[float] = []
+    competitor_done = threading.Event()
+
+    def competitor() -> None:
+        with run_lock(dsn, threading.Event()) as locked:
+            assert locked
+            held.append(time.time())
+            time.sleep(2.5)
+            held.append(time.time())
+        competitor_done.set()
+
+    threading.Thread(target=competitor, daemon=True).start()
+    time.sleep(0.3)  # the competitor now polls for the lock
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND objid = %s AND granted",
+            (RUN_LOCK_KEY,)).fetchall()
+    assert killed == [(True,)]
+    assert competitor_done.wait(WAIT)
+    _until(lambda: any(kind == ev.RUN_FINISHED for kind, _ in read_events(dsn)), "the run's end")
+    assert running.finish() == EXIT_OK
+
+    quiet_from = held[0] + RUN_LOCK_CHECK + 0.2  # noticed by then, and drained
+    sent_meanwhile = [r for r in supervise.simulator.requests
+                      if quiet_from <= r.received_at <= held[1]]
+    assert sent_meanwhile == []
+    events = read_events(dsn)
+    outcomes = Counter(d["token"] for kind, d in events if kind == ev.NOTIFICATION_DELIVERED)
+    assert set(outcomes) == set(tokens) and set(outcomes.values()) == {1}
+    assert [d["run"] for kind, d in events if kind == ev.RUN_FINISHED] == [1]
+    assert "lost the run lock" in caplog.text
+
