@@ -54,11 +54,11 @@ from events.store import LogReader, TokenState
 from relay import metrics
 from relay.apns.processes import NotificationClient
 from relay.config import WakeupConfig
+from relay.database import RetryPauses
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 500  # tokens per keyset page: one short query, a bounded slice of memory
-DB_RETRY_MIN, DB_RETRY_MAX = 0.4, 30.0  # reads while the database is away, as the Journal
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Dispatcher(pykka.ThreadingActor):
         self._stopping = False
         self._halt_recorded = False
         self._finishing = False
-        self._db_delay = DB_RETRY_MIN
+        self._db_pauses = RetryPauses()
         self._db_retry_at: float | None = None
         self._t0 = time.monotonic()
         self._done_at_start = 0
@@ -260,7 +260,7 @@ class Dispatcher(pykka.ThreadingActor):
         except psycopg.Error as exc:
             self._retry_db("start the run", exc)
             return
-        self._db_delay = DB_RETRY_MIN
+        self._db_pauses.reset()
         if unfinished is not None:
             self._result = RunResult(
                 run=unfinished.run, finished=False, resumed=True, tokens=unfinished.tokens,
@@ -354,7 +354,7 @@ class Dispatcher(pykka.ThreadingActor):
         except psycopg.Error as exc:
             self._retry_db("read due tokens", exc)
             return False
-        self._db_delay = DB_RETRY_MIN
+        self._db_pauses.reset()
         if len(page) < PAGE_SIZE:
             self._exhausted = True
         if page:
@@ -363,10 +363,10 @@ class Dispatcher(pykka.ThreadingActor):
         return True
 
     def _retry_db(self, what: str, exc: Exception) -> None:
-        log.warning("cannot %s (%s); retrying in %.1fs", what, exc, self._db_delay)
-        self._db_retry_at = time.monotonic() + self._db_delay
+        delay = self._db_pauses.next()
+        log.warning("cannot %s (%s); retrying in %.1fs", what, exc, delay)
+        self._db_retry_at = time.monotonic() + delay
         self._alarm.at(self._db_retry_at)
-        self._db_delay = min(DB_RETRY_MAX, random.uniform(DB_RETRY_MIN, self._db_delay * 3))
 
     def _token_done(self, done: TokenDone) -> None:
         self._credits += 1

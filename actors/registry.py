@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -35,13 +34,12 @@ from events.journal import Journal
 from events.store import LogReader
 from relay import metrics
 from relay.config import RegistryConfig
+from relay.database import RetryPauses
 from relay.tokens import redact
 
 log = logging.getLogger(__name__)
 
 # Retry of registration reads while the database is unreachable (same policy as the Journal).
-READ_RETRY_MIN = 0.4
-READ_RETRY_MAX = 30.0
 # The registered-devices gauge is re-counted from the devices projection at most this often
 # (seconds) after a change: one count query instead of a read per registration.
 GAUGE_REFRESH = 5.0
@@ -198,7 +196,7 @@ class Registry(pykka.ThreadingActor):
         pending = self._pending.get(token)
         if pending is not None:
             return pending.active, pending.registered_at_ms
-        delay = READ_RETRY_MIN
+        pauses = RetryPauses()
         while True:
             try:
                 active, registered_at_ms = self._reader.registration(token)
@@ -206,11 +204,11 @@ class Registry(pykka.ThreadingActor):
             except psycopg.Error as exc:
                 if not retry or self._stopping.is_set():
                     return None
+                delay = pauses.next()
                 log.warning("cannot read the registration of %s (%s); retrying in %.1fs",
                             redact(token), exc, delay)
                 if self._stopping.wait(delay):
                     return None
-                delay = min(READ_RETRY_MAX, random.uniform(READ_RETRY_MIN, delay * 3))
 
     def _settle_like_pending(self, token: str, reply: Future[None]) -> None:
         """Nothing to write, but answer only once what we already wrote is committed."""

@@ -17,7 +17,7 @@ One commit per batch instead of per event is what makes the log fast (the fsync 
 shared); appenders that arrive while a transaction runs form the next batch.
 
 Database failures: the writer marks the database unavailable, retries the same
-batch with decorrelated jitter between RETRY_MIN and RETRY_MAX seconds until it
+batch with the pauses of `relay.database.RetryPauses` (400 ms to 30 s) until it
 commits, and only then takes the next batch, so order is kept. A connection lost
 during COMMIT leaves us not knowing whether the batch committed. Each batch carries
 a random id written in its own transaction; a retry first locks the head and then
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import random
 import struct
 import threading
 import time
@@ -48,13 +47,10 @@ import psycopg
 from events import codec, projection
 from events.types import EVENT_TYPES, Event
 from relay import metrics
-from relay.database import connect
+from relay.database import RetryPauses, connect
 
 log = logging.getLogger(__name__)
 
-# Database retry policy (as the original relay): decorrelated jitter, 400 ms to 30 s.
-RETRY_MIN = 0.4
-RETRY_MAX = 30.0
 # Errors worth retrying: the connection or the server, not the statement, failed.
 # SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (shutdown, terminated), 58 I/O.
@@ -299,7 +295,7 @@ class Journal:
 
     def _commit(self, batch: list[_Request]) -> None:
         batch_id = uuid.uuid4()
-        delay = RETRY_MIN
+        pauses = RetryPauses()
         retrying = False
         while True:
             try:
@@ -312,7 +308,7 @@ class Journal:
                     self._fail(batch, JournalError(f"the database refused the events: {exc}"))
                     return
                 self._set_available(False)
-                delay = min(RETRY_MAX, random.uniform(RETRY_MIN, delay * 3))
+                delay = pauses.next()
                 log.warning("event log write failed (%s); retrying in %.2f s",
                             str(exc).strip().splitlines()[0] if str(exc).strip() else
                             type(exc).__name__, delay)

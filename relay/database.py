@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import random
 import shutil
 import subprocess
 import time
@@ -29,6 +30,30 @@ from typing import IO, Any
 import psycopg
 
 log = logging.getLogger(__name__)
+
+# The database retry policy of every reader and writer (as the original relay):
+# decorrelated jitter between RETRY_MIN and RETRY_MAX seconds.
+RETRY_MIN = 0.4
+RETRY_MAX = 30.0
+
+
+class RetryPauses:
+    """Successive pauses while the database is away: RETRY_MIN first, then each drawn
+    between RETRY_MIN and three times the last, capped at RETRY_MAX, so that the clients
+    an outage stopped together do not all come back in step."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._next = RETRY_MIN
+        self._uniform = (rng or random).uniform
+
+    def next(self) -> float:
+        pause = self._next
+        self._next = min(RETRY_MAX, self._uniform(RETRY_MIN, pause * 3))
+        return pause
+
+    def reset(self) -> None:
+        """After a success: the next outage starts again from RETRY_MIN."""
+        self._next = RETRY_MIN
 
 # Migrations run under this advisory lock, so relay processes starting together
 # apply each file exactly once instead of racing on CREATE TABLE.

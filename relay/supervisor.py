@@ -16,7 +16,6 @@ import contextlib
 import gc
 import logging
 import os
-import random
 import signal
 import sys
 import threading
@@ -34,14 +33,12 @@ import psycopg
 from actors import ProgressLogger, RegistryHandle, RunResult, WakeupRunner
 from actors.dispatcher import Progress, ProgressCallback
 from events.audit import audit_main, rebuild_main
-from events.journal import RETRY_MAX as DB_RETRY_MAX
-from events.journal import RETRY_MIN as DB_RETRY_MIN
 from events.journal import Journal
 from events.store import LogReader
 from relay import environment
 from relay.apns.processes import NotificationClient, open_client
 from relay.config import ApnsConfig, Config
-from relay.database import DatabaseError, connect
+from relay.database import DatabaseError, RetryPauses, connect
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +222,7 @@ def _unfinished_run(dsn: str) -> bool:
 
 def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[Any] | None:
     """The connection holding the run lock; waits out the database and other holders."""
-    delay = DB_RETRY_MIN
+    pauses = RetryPauses()
     told = False
     while not stopping.is_set():
         conn: psycopg.Connection[Any] | None = None
@@ -241,10 +238,10 @@ def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[An
                     told = True
                 stopping.wait(RUN_LOCK_POLL)
         except psycopg.OperationalError as exc:
+            delay = pauses.next()
             log.warning("cannot reach the database to start a run (%s); retrying in %.1fs",
                         _first_line(exc), delay)
             stopping.wait(delay)
-            delay = min(DB_RETRY_MAX, random.uniform(DB_RETRY_MIN, delay * 3))
         finally:
             if conn is not None:
                 conn.close()

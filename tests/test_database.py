@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import shutil
 import tempfile
 import threading
@@ -10,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from relay.database import EmbeddedPostgres, apply_migrations, migrations
+from relay.database import EmbeddedPostgres, RetryPauses, apply_migrations, migrations
 
 
 def test_migrations_are_numbered_and_shipped() -> None:
@@ -58,3 +60,16 @@ def test_embedded_server_is_shared_and_stopped_by_the_last_user() -> None:
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(dsn, connect_timeout=2)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_retry_pauses_jitter_from_400_ms_up_to_30_s_and_start_over_after_a_success() -> None:
+    pauses = RetryPauses(random.Random(7))
+    drawn = [pauses.next() for _ in range(40)]
+    assert drawn[0] == 0.4
+    for last, pause in itertools.pairwise(drawn):
+        assert 0.4 <= pause <= min(30.0, last * 3)
+    assert max(drawn) == 30.0  # they grow to the cap...
+    below_cap = [pause for pause in drawn if pause < 30.0]
+    assert len(set(below_cap)) == len(below_cap) > 2  # ...each drawn afresh
+    pauses.reset()
+    assert pauses.next() == 0.4

@@ -15,9 +15,9 @@ import pytest
 from psycopg import conninfo
 
 from events import codec
-from events import journal as journal_module
 from events import types as ev
 from events.journal import Journal, JournalError, JournalStopped, append_bulk
+from relay import database
 
 TOKEN = "ab" * 32
 
@@ -44,8 +44,8 @@ def journal(dsn: str) -> Iterator[Journal]:
 @pytest.fixture
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The retry policy's shape, at test speed."""
-    monkeypatch.setattr(journal_module, "RETRY_MIN", 0.01)
-    monkeypatch.setattr(journal_module, "RETRY_MAX", 0.05)
+    monkeypatch.setattr(database, "RETRY_MIN", 0.01)
+    monkeypatch.setattr(database, "RETRY_MAX", 0.05)
 
 
 def test_append_resolves_with_positions_after_commit(dsn: str, journal: Journal) -> None:
