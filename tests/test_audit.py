@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,6 +104,26 @@ def test_worker_processes_agree_with_one_process(log: str, capsys: pytest.Captur
         alone = audit_json(log, capsys, *args, "--jobs", "1")
         assert audit_json(log, capsys, *args, "--jobs", "3") == alone
         assert alone[0] == 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_a_terminal_shows_a_progress_bar_that_reaches_the_end(
+        log: str, monkeypatch: pytest.MonkeyPatch, jobs: str) -> None:
+    """Events folded here and by worker processes all count (slices of 4 with --jobs 3)."""
+    monkeypatch.setattr(audit, "PROGRESS_MIN_EVENTS", 1)
+    monkeypatch.setattr(audit, "MIN_SLICE", 4)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert audit_main(log, ["--verify", "--jobs", jobs]) == 0
+    assert "replaying" in terminal.getvalue()
+    last = terminal.getvalue().rstrip().splitlines()[-1]
+    assert "100%" in last and "11.0/11.0" in last, last
 
 
 def test_token_history(log: str, capsys: pytest.CaptureFixture[str]) -> None:
