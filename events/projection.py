@@ -159,7 +159,8 @@ class State:
         for token, registration in patch.registrations.items():
             if registration[1] is KEEP:  # an unregistration: registered_at_ms stays
                 base = registrations.get(token)
-                registration = (registration[0], base and base[1], *registration[2:])
+                registered = None if base is None else base[1]
+                registration = (registration[0], registered, *registration[2:])
             registrations[token] = registration
         self.deliveries.update(patch.deliveries)
         for number, run in patch._runs.items():
