@@ -17,9 +17,9 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from actors.backoff import DecorrelatedJitter
 from events import types as ev
 from relay.apns import ApnsResult, Verdict
+from relay.backoff import DecorrelatedJitter
 
 HALT_MESSAGES = {
     Verdict.CONFIGURATION: (

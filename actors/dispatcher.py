@@ -32,7 +32,6 @@ import psycopg
 import pykka
 
 from actors.alarm import Alarm
-from actors.backoff import DecorrelatedJitter
 from actors.breaker import BreakerState, CircuitBreaker
 from actors.delivery import DeliveryPolicy, HaltInfo, Outcome
 from actors.registry import RegistryHandle
@@ -53,6 +52,7 @@ from events.journal import Journal
 from events.store import LogReader, TokenState
 from relay import metrics
 from relay.apns.processes import NotificationClient
+from relay.backoff import DecorrelatedJitter
 from relay.config import WakeupConfig
 from relay.database import RetryPauses
 

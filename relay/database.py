@@ -29,6 +29,8 @@ from typing import IO, Any
 
 import psycopg
 
+from relay.backoff import DecorrelatedJitter
+
 log = logging.getLogger(__name__)
 
 # The database retry policy of every reader and writer (as the original relay):
@@ -43,17 +45,17 @@ class RetryPauses:
     an outage stopped together do not all come back in step."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
+        self._jitter = DecorrelatedJitter(RETRY_MIN, RETRY_MAX, 3.0, rng)
         self._next = RETRY_MIN
-        self._uniform = (rng or random).uniform
 
     def next(self) -> float:
         pause = self._next
-        self._next = min(RETRY_MAX, self._uniform(RETRY_MIN, pause * 3))
+        self._next = self._jitter.next_delay(pause)
         return pause
 
     def reset(self) -> None:
         """After a success: the next outage starts again from RETRY_MIN."""
-        self._next = RETRY_MIN
+        self._next = self._jitter.base
 
 # Migrations run under this advisory lock, so relay processes starting together
 # apply each file exactly once instead of racing on CREATE TABLE.

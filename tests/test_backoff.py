@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from actors.backoff import DecorrelatedJitter
+from relay.backoff import DecorrelatedJitter
 
 
 class _Extremes(random.Random):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from actors.backoff import DecorrelatedJitter
 from actors.delivery import Delivery, DeliveryPolicy, Outcome
 from events import types as ev
 from relay.apns import ApnsResult, Verdict
+from relay.backoff import DecorrelatedJitter
 
 RUN = 7
 TOKEN = "ab" * 32

@@ -1,4 +1,6 @@
-"""Decorrelated-jitter back-off between one token's attempts within a run.
+"""Decorrelated-jitter back-off: between one token's attempts within a run (the
+`wakeup.backoff_*` settings), and between attempts to reach the database
+(`relay.database.RetryPauses`).
 
 The formula (the "decorrelated jitter" of the AWS architecture blog, with the
 growth factor taken from `wakeup.backoff_factor` instead of a fixed 3):
