@@ -299,6 +299,7 @@ class Dispatcher(pykka.ThreadingActor):
             self._halt_recorded = True
         elif message.what == "finished":
             metrics.RUNS.inc()
+            metrics.LAST_RUN_FINISHED.set_to_current_time()
             metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
             self._result = replace(self._result, finished=True)
             self._report_progress()
@@ -399,6 +400,8 @@ class Dispatcher(pykka.ThreadingActor):
         else:
             log.info("APNs answered the probe: resuming sends")
         metrics.BREAKER_OPEN.set(1 if is_open else 0)
+        if is_open:
+            metrics.BREAKER_OPENED_AT.set_to_current_time()
 
     def _halt(self, report: HaltReported) -> None:
         self._credits += 1
@@ -406,7 +409,9 @@ class Dispatcher(pykka.ThreadingActor):
         if self._base.halted is not None:
             return
         halt = report.halt
-        log.error("halting the relay: %s", halt.message)
+        log.error("halting the relay: %s", halt.message,
+                  extra={"run": halt.run, "token": halt.token, "status": halt.status,
+                         "reason": halt.reason, "halt_class": halt.halt_class})
         self._stopping = True
         self._result = replace(self._result, halted=halt)
         self._append([halt.event(ev.now_ms())], "halted")

@@ -143,5 +143,8 @@ class ProgressLogger:
         eta = progress.eta
         self._log.info("run %d: %d/%d tokens done, %.1f tokens/s, ETA %s", progress.run,
                        progress.done, progress.total, progress.rate,
-                       "unknown" if eta is None else f"{eta:.0f}s")
+                       "unknown" if eta is None else f"{eta:.0f}s",
+                       extra={"run": progress.run, "done": progress.done,
+                              "total": progress.total, "rate": round(progress.rate, 1),
+                              "eta_s": None if eta is None else round(eta)})
 

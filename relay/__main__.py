@@ -1,6 +1,6 @@
 """`python -m relay` (also `apns-relay`): the supervisor and the operator commands.
 
-Exit statuses: 0 done (also after SIGTERM/SIGINT drained a run); 1 the audit
+`check` has statuses of its own (relay/check.py). Exit statuses: 0 done (also after SIGTERM/SIGINT drained a run); 1 the audit
 found a mismatch, a runtime failure, or crashes came faster than the supervisor
 may restart them; 2 bad configuration or usage; 3 the database could not be
 reached (for 30 s at start) or was lost during a command, so nothing was checked;
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("rebuild", help="rebuild the cached state tables from the event log",
                         add_help=False)
     commands.add_parser("migrate", help="apply the database migrations, then exit")
+    commands.add_parser("check", help="check the configuration, the database and the APNs "
+                        "credentials without notifying anyone (see `check --help`)",
+                        add_help=False)
     commands.add_parser("simulator", help="run the APNs simulator (see `simulator --help`)",
                         add_help=False)
     return parser
@@ -47,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     command = args.command or "run"
-    if rest and command not in ("audit", "rebuild", "simulator"):
+    if rest and command not in ("audit", "rebuild", "simulator", "check"):
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if command == "check":
+        from relay.check import check_main
+
+        return check_main(args.config, rest)
     if command == "simulator":
         from relay.simulator.cli import main as simulator_main
 
@@ -64,10 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{NAME}: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=config.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from relay.logs import configure
+
+    configure(config.logging)
     from relay.supervisor import run_command
 
     return run_command(command, config, rest)

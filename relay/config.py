@@ -144,6 +144,7 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,8 @@ _PARSERS: dict[str, dict[str, Parser]] = {
         "progress_interval": _duration_at_least(0.1),
     },
     "registry": {"clock_skew": _duration_at_least(0)},
-    "logging": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR")},
+    "logging": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+                "format": _choice("text", "json")},
 }
 
 _SECTIONS: dict[str, type[Any]] = {

@@ -58,3 +58,21 @@ BREAKER_OPEN = Gauge(
 DATABASE_UP = Gauge(
     "relay_database_up", "1 while the event log's database is reachable.", registry=REGISTRY
 )
+# For alert rules (contrib/prometheus): "overdue" and "open too long" need the times and
+# the configured intervals next to the state.
+LAST_RUN_FINISHED = Gauge(
+    "relay_last_run_finished_timestamp_seconds",
+    "When the last wakeup run finished (Unix time); the process start until one has.",
+    registry=REGISTRY,
+)
+BREAKER_OPENED_AT = Gauge(
+    "relay_circuit_breaker_opened_timestamp_seconds",
+    "When the circuit breaker last opened (Unix time).", registry=REGISTRY,
+)
+WAKEUP_INTERVAL = Gauge(
+    "relay_wakeup_interval_seconds", "The configured wakeup.interval.", registry=REGISTRY
+)
+BREAKER_PAUSE = Gauge(
+    "relay_wakeup_breaker_pause_seconds", "The configured wakeup.breaker_pause.",
+    registry=REGISTRY,
+)

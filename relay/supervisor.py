@@ -35,7 +35,7 @@ from actors.dispatcher import Progress, ProgressCallback
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
 from events.store import LogReader
-from relay import environment
+from relay import environment, metrics
 from relay.apns.processes import NotificationClient, open_client
 from relay.config import ApnsConfig, Config
 from relay.database import DatabaseError, RetryPauses, connect
@@ -257,7 +257,9 @@ def _exit_status(result: RunResult) -> int:
     if result.halted is not None:
         halt = result.halted
         log.critical("HALTED (%s): APNs answered %s %s: %s", halt.halt_class, halt.status,
-                     halt.reason, halt.message)
+                     halt.reason, halt.message,
+                     extra={"run": halt.run, "token": halt.token, "status": halt.status,
+                            "reason": halt.reason, "halt_class": halt.halt_class})
         return EXIT_HALTED
     return EXIT_OK
 
@@ -361,6 +363,9 @@ class Supervisor:
         self._budget = RestartBudget(self.policy)
         self._budget_lock = threading.Lock()
         self._worker = threading.Thread(target=self._wakeups, name="wakeup-worker", daemon=True)
+        metrics.WAKEUP_INTERVAL.set(config.wakeup.interval)
+        metrics.BREAKER_PAUSE.set(config.wakeup.breaker_pause)
+        metrics.LAST_RUN_FINISHED.set_to_current_time()  # an overdue run counts from here
 
     def database_available(self) -> bool:
         """False also while the Journal's writer is down: the log cannot be written."""
