@@ -525,6 +525,9 @@ def _audit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="check the hash chain, the positions and the cached tables; "
                              "exit 1 naming the first bad position on any mismatch")
+    parser.add_argument("--html", metavar="FILE",
+                        help="write a self-contained HTML report with charts (needs the "
+                             "`report` extra); the log is verified for it")
     return parser
 
 
@@ -549,13 +552,28 @@ def usage_status(command: str, argv: list[str]) -> int | None:
     """For `audit` or `rebuild`: the exit status when `argv` asks for help or is wrong
     (printed), else None. Checked before the database starts, so neither starts one."""
     parsed = _parse(command, argv)
-    return parsed if isinstance(parsed, int) else None
+    if isinstance(parsed, int):
+        return parsed
+    if getattr(parsed, "html", None):
+        from events.report import ReportUnavailable, require_plotting
+
+        try:
+            require_plotting()
+        except ReportUnavailable as exc:
+            print(f"python -m relay audit: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return None
 
 
-def audit_main(dsn: str, argv: list[str]) -> int:
+def audit_main(dsn: str, argv: list[str], *, interval: float | None = None) -> int:
+    """`interval`: the configured wakeup.interval, which the HTML report draws."""
     args = _parse("audit", argv)
     if isinstance(args, int):
         return args
+    if args.html:
+        from events.report import html_main
+
+        return html_main(dsn, args.html, until_ms=args.until, interval=interval)
     token: str | None = args.token
     with connect(dsn, application_name="relay-audit") as conn:
         _read_only_snapshot(conn)

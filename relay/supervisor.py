@@ -456,7 +456,7 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
                 log.info("migrations applied")
                 return EXIT_OK
             if command == "audit":
-                return audit_main(dsn, rest)
+                return audit_main(dsn, rest, interval=config.wakeup.interval)
             if command == "rebuild":
                 return rebuild_main(dsn, rest)
             if command == "wakeup":
