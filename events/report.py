@@ -189,8 +189,8 @@ def chart_failures(data: ReportData) -> str | None:
               for r in shown]
     labels = list(shown)
     if rest:
-        series.append(sum(np.histogram(np.frombuffer(data.failures[r], dtype="int64"),
-                                       edges)[0] for r in rest))
+        series.append(np.sum([np.histogram(np.frombuffer(data.failures[r], dtype="int64"),
+                                           edges)[0] for r in rest], axis=0))
         labels.append("other")
     figure, axes = _figure(3.6)
     centers = _times((edges[:-1] + edges[1:]) / 2)

@@ -101,7 +101,7 @@ class Folder:
             if data.first_ms is None:
                 data.first_ms = at_ms
             data.last_ms = at_ms
-        run = doc.get("run")
+        run: Any = doc.get("run")
         if type_ == ev.NOTIFICATION_DELIVERED:
             figures = data.run(run)
             if doc.get("attempt", 1) > 1:

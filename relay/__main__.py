@@ -1,8 +1,8 @@
 """`python -m relay` (also `apns-relay`): the supervisor and the operator commands.
 
-`check` has statuses of its own (relay/check.py). Exit statuses: 0 done (also after SIGTERM/SIGINT drained a run); 1 the audit
-found a mismatch, a runtime failure, or crashes came faster than the supervisor
-may restart them; 2 bad configuration or usage; 3 the database could not be
+Exit statuses (`check` has its own, relay/check.py): 0 done (also after SIGTERM/SIGINT
+drained a run); 1 the audit found a mismatch, a runtime failure, or crashes came faster
+than the supervisor may restart them; 2 bad configuration or usage; 3 the database could not be
 reached (for 30 s at start) or was lost during a command, so nothing was checked;
 9 APNs reported a relay bug or a configuration error (a `relay_halted` event says
 which and why).

@@ -202,8 +202,8 @@ def _verdict(result: ApnsResult, where: str, connect_error: str | None) -> Check
     if status is None:
         why = connect_error or reason or "no answer"
         return CheckResult("apns", False, f"no answer from {where}: {why}",
-                           "check apns.endpoint (or apns.environment), the network path to "
-                           "it on port 443, and apns.ca_file")
+                           "check apns.endpoint (or apns.environment), the network path to it, "
+                           "and apns.ca_file")
     if result.verdict is Verdict.CONFIGURATION:
         fix = FIXES.get(reason or "", "check apns.key_file/key_id/team_id (or "
                         "apns.cert_file), apns.topic and apns.environment")
