@@ -14,7 +14,7 @@ last failed attempt the token is abandoned for this run and the run goes on.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from events import types as ev
@@ -69,7 +69,7 @@ class HaltInfo:
     status: int | None
     message: str
     run: int | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # logs show it redacted, never whole
 
     def event(self, at_ms: int) -> ev.Event:
         return ev.relay_halted(at_ms, halt_class=self.halt_class, reason=self.reason,
