@@ -172,3 +172,13 @@ def test_a_bad_configuration_is_named_and_nothing_else_is_tried(tmp_path: Path) 
     assert [r.ok for r in results] == [False, False, False]
     assert "wakeup.intervall: unknown key" in results[0].detail
     assert results[1].detail == "not checked: the configuration is invalid"
+
+
+def test_with_no_credentials_the_built_in_simulator_is_checked_and_named(
+        runtime_dsn: str, tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"database": {"dsn": runtime_dsn}}))
+    results = _by_name(run_checks(str(path)))
+    assert results["apns"].ok, results["apns"]
+    assert results["apns"].detail.startswith("the built-in simulator answered 200")
+    assert "NO NOTIFICATION LEAVES THIS MACHINE" in results["apns"].detail

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -145,3 +147,15 @@ def test_the_report_draws_in_headless_chromium(dsn: str, tmp_path: Path) -> None
     for chart, marks in seen.charts.items():
         assert marks > 0, f"chart {chart} drew nothing"
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_the_command_line_draws_the_configured_interval(dsn: str, tmp_path: Path) -> None:
+    append_bulk(dsn, history())
+    config = tmp_path / "relay.yaml"
+    config.write_text(f"database:\n  dsn: '{dsn}'\nwakeup:\n  interval: 30m\n")
+    page = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "relay", "-c", str(config), "audit", "--html",
+                           str(page)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {page}: 26 events, 2 runs, log verified")
+    assert "wakeup.interval (1800 s)" in page.read_text(encoding="utf-8")
