@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import io
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,11 @@ def html_main(dsn: str, path: str, *, until_ms: int | None, interval: float | No
     try:
         require_plotting()
     except ReportUnavailable as exc:
-        print(f"apns-relay: {exc}")
+        print(f"apns-relay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not Path(path).parent.is_dir():
+        print(f"apns-relay: cannot write {path}: no directory {Path(path).parent}",
+              file=sys.stderr)
         return EXIT_USAGE
     with connect(dsn, application_name="relay-report") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -89,8 +94,11 @@ def html_main(dsn: str, path: str, *, until_ms: int | None, interval: float | No
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # as `open` would create it, not mkstemp's 0600
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(temporary, path)

@@ -159,3 +159,10 @@ def test_the_command_line_draws_the_configured_interval(dsn: str, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"wrote {page}: 26 events, 2 runs, log verified")
     assert "wakeup.interval (1800 s)" in page.read_text(encoding="utf-8")
+
+
+def test_a_report_into_a_missing_directory_is_refused_before_any_work(
+        dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "nowhere" / "report.html"
+    assert audit_main(dsn, ["--html", str(target)]) == 2
+    assert f"cannot write {target}: no directory" in capsys.readouterr().err
