@@ -274,7 +274,8 @@ class Dispatcher(pykka.ThreadingActor):
             return
         metrics.DEVICES_REGISTERED.set(tokens)
         self._result = RunResult(run=run, finished=False, tokens=tokens)
-        log.info("starting run %d over %d registered tokens", run, tokens)
+        log.info("starting run %d over %d registered tokens", run, tokens,
+                 extra={"run": run, "total": tokens})
         self._append([ev.run_started(run, ev.now_ms(), tokens)], "started")
 
     def _take_up(self, run: int) -> None:
@@ -303,7 +304,8 @@ class Dispatcher(pykka.ThreadingActor):
             metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
             self._result = replace(self._result, finished=True)
             self._report_progress()
-            log.info("run %s finished: %s", self._result.run, _counts(self._result))
+            log.info("run %s finished: %s", self._result.run, _counts(self._result),
+                     extra={"run": self._result.run})
             self._done.set_result(self._result)
             return
         self._feed()
@@ -444,7 +446,8 @@ class Dispatcher(pykka.ThreadingActor):
         self._journal.append(events).add_done_callback(committed)
 
     def _fail(self, error: BaseException) -> None:
-        log.error("wakeup run %s failed: %r", self._result.run, error)
+        log.error("wakeup run %s failed: %r", self._result.run, error,
+                  extra={"run": self._result.run})
         if not self._done.done():
             self._done.set_exception(error)
 

@@ -349,7 +349,7 @@ def _outcome_counter(outcome: Outcome) -> Any:
 
 def _client_failure(token: str, delivery: Delivery, error: BaseException) -> ApnsResult:
     """The client promised a result, never an exception: treat one as a relay bug."""
-    log.error("APNs client failed on %s: %r", redact(token), error)
+    log.error("APNs client failed on %s: %r", redact(token), error, extra={"token": token})
     return ApnsResult(token=token, apns_id=delivery.apns_id, status=None,
                       reason=f"ClientError: {error!r}"[:200], verdict=Verdict.RELAY_BUG,
                       timestamp_ms=None, latency=0.0, received_at_ms=ev.now_ms())

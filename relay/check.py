@@ -74,12 +74,13 @@ class CheckResult:
 
 
 def log_rights_problems(conn: psycopg.Connection[Any]) -> list[str]:
-    """What the connected role could do to rewrite the log: ALTER or DROP it (ownership),
+    """What the connected role could do to rewrite the log: ALTER or DROP it (ownership, or
+    membership in the owner's role, which SET ROLE turns into ownership),
     UPDATE, DELETE or TRUNCATE it, or disable its triggers (ownership or superuser). An
     empty list means the role can only append and read, as the relay's runtime role should.
     """
     row = conn.execute(
-        "SELECT r.rolsuper, pg_has_role(current_user, c.relowner, 'USAGE'),"
+        "SELECT r.rolsuper, pg_has_role(current_user, c.relowner, 'MEMBER'),"
         " has_table_privilege(c.oid, 'UPDATE'), has_table_privilege(c.oid, 'DELETE'),"
         " has_table_privilege(c.oid, 'TRUNCATE'), current_user"
         " FROM pg_class c, pg_roles r"
@@ -91,8 +92,8 @@ def log_rights_problems(conn: psycopg.Connection[Any]) -> list[str]:
         problems.append(f"role {role} is a superuser: it can disable the log's triggers "
                         "and rewrite anything")
     elif owner:
-        problems.append(f"role {role} owns the events table: it can ALTER or DROP it and "
-                        "disable its triggers")
+        problems.append(f"role {role} owns the events table (or may SET ROLE to its owner): "
+                        "it can ALTER or DROP it and disable its triggers")
     granted = [name for name, has in (("UPDATE", update), ("DELETE", delete),
                                       ("TRUNCATE", truncate)) if has]
     if granted and not superuser:

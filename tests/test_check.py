@@ -140,11 +140,24 @@ def test_rights_that_could_rewrite_the_log_are_each_named(runtime_dsn: str, dsn:
     with psycopg.connect(runtime_dsn) as conn:
         assert log_rights_problems(conn) == [f"role {role} holds UPDATE, TRUNCATE on events"]
     with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f'REVOKE UPDATE, TRUNCATE ON events FROM "{role}"')
         admin.execute(f'ALTER TABLE events OWNER TO "{role}"')
+    owns = (f"role {role} owns the events table (or may SET ROLE to its owner): it can ALTER "
+            "or DROP it and disable its triggers")
     with psycopg.connect(runtime_dsn) as conn:
-        problems = log_rights_problems(conn)
-    assert problems[0] == (f"role {role} owns the events table: it can ALTER or DROP it "
-                           "and disable its triggers")
+        assert log_rights_problems(conn)[0] == owns
+    owner = f"{role}_owner"  # a member of the owner's role can SET ROLE to it
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{owner}" NOLOGIN')
+        admin.execute(f'ALTER TABLE events OWNER TO "{owner}"')
+        admin.execute(f'GRANT "{owner}" TO "{role}"')
+    try:
+        with psycopg.connect(runtime_dsn) as conn:
+            assert log_rights_problems(conn)[0] == owns
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute('ALTER TABLE events OWNER TO CURRENT_USER')
+            admin.execute(f'DROP ROLE "{owner}"')
 
 
 def test_an_unmigrated_database_is_a_problem(
