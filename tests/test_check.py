@@ -20,6 +20,7 @@ from relay_fixtures import free_port
 from relay.check import PROBE_TOKEN, CheckResult, log_rights_problems, run_checks
 from relay.config import ApnsConfig
 from relay.simulator import ScriptedOutcome
+from relay.simulator.cli import spawn
 from relay.simulator.credentials import random_apple_id, write_signing_key
 
 simulator_factory = apns_fixtures.simulator_factory
@@ -195,3 +196,24 @@ def test_with_no_credentials_the_built_in_simulator_is_checked_and_named(
     assert results["apns"].ok, results["apns"]
     assert results["apns"].detail.startswith("the built-in simulator answered 200")
     assert "NO NOTIFICATION LEAVES THIS MACHINE" in results["apns"].detail
+
+
+def test_the_simulator_command_with_a_real_key_is_checked_like_apple(
+        runtime_dsn: str, tmp_path: Path) -> None:
+    """`python -m relay simulator --private-key-file` as an operator runs it."""
+    key_id, team_id = random_apple_id(), random_apple_id()
+    key_file, _ = write_signing_key(tmp_path, key_id)
+    child, values = spawn(["--listen", "127.0.0.1:0", "--topic", "org.example.wallet",
+                           "--key-id", key_id, "--team-id", team_id, "--private-key-file",
+                           str(key_file), "--quiet", "--script",
+                           f"{PROBE_TOKEN}=400:BadDeviceToken"], cwd=tmp_path)
+    try:
+        apns = ApnsConfig(endpoint=values["endpoint"], ca_file=Path(values["ca_file"]),
+                          topic="org.example.wallet", key_file=key_file, key_id=key_id,
+                          team_id=team_id)
+        results = _by_name(run_checks(_config(tmp_path, runtime_dsn, apns)))
+    finally:
+        child.terminate()
+        child.wait(30)
+    assert all(result.ok for result in results.values()), results
+    assert "answered 400 BadDeviceToken" in results["apns"].detail
