@@ -557,6 +557,10 @@ def usage_status(command: str, argv: list[str]) -> int | None:
     if getattr(parsed, "html", None):
         from events.report import ReportUnavailable, require_plotting
 
+        if parsed.token or parsed.json:
+            print("python -m relay audit: --html reports on the whole log; it cannot be "
+                  "combined with --token or --json", file=sys.stderr)
+            return EXIT_USAGE
         try:
             require_plotting()
         except ReportUnavailable as exc:

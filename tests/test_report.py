@@ -166,3 +166,14 @@ def test_a_report_into_a_missing_directory_is_refused_before_any_work(
     target = tmp_path / "nowhere" / "report.html"
     assert audit_main(dsn, ["--html", str(target)]) == 2
     assert f"cannot write {target}: no directory" in capsys.readouterr().err
+
+
+def test_html_with_token_or_json_is_refused_before_the_database(tmp_path: Path) -> None:
+    config = tmp_path / "relay.yaml"
+    config.write_text("database:\n  dsn: 'postgresql://relay@127.0.0.1:9/nowhere'\n")
+    for extra in (["--token", TOKENS[0]], ["--json"]):
+        done = subprocess.run([sys.executable, "-m", "relay", "-c", str(config), "audit",
+                               "--html", str(tmp_path / "r.html"), *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert "cannot be combined with --token or --json" in done.stderr
