@@ -643,18 +643,22 @@ def _summary(result: Replay) -> dict[str, Any]:
         "head": result.last_hash.hex() if result.events else None,
         "last_position": result.last_position,
         "devices": {"active": active, "unregistered": unregistered},
-        "runs": [_run_json(number, row) for number, row in sorted(result.state.runs.items())],
+        "runs": [_run_json(number, row, result.state.run_apns.get(number))
+                 for number, row in sorted(result.state.runs.items())],
     }
 
 
-def _run_json(number: int, row: RunRow) -> dict[str, Any]:
-    started, finished, tokens, delivered, failed, abandoned, unregistered = row
+def _run_json(number: int, row: RunRow, apns: Any) -> dict[str, Any]:
+    """`apns`: where the run sent ({"environment", "endpoint"}; environment "simulator"
+    for the built-in simulator), None when its run_started did not record it."""
+    started, finished, tokens, delivered, failed, abandoned, dead, unregistered, kept = row
     return {
         "run": number,
         "started_at": None if started is None else iso_ms(started),
         "finished_at": None if finished is None else iso_ms(finished),
         "tokens": tokens, "delivered": delivered, "failed": failed, "abandoned": abandoned,
-        "unregistered": unregistered,
+        "dead": dead, "unregistered": unregistered, "kept": kept, "apns": apns,
+        "simulated": isinstance(apns, dict) and apns.get("environment") == "simulator",
     }
 
 
@@ -686,7 +690,9 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
             out.write(f"  run {run['run']}: {run['started_at'] or '?'} .. "
                       f"{run['finished_at'] or 'unfinished'}  tokens {run['tokens']}, "
                       f"delivered {run['delivered']}, failed attempts {run['failed']}, "
-                      f"abandoned {run['abandoned']}, unregistered {run['unregistered']}\n")
+                      f"abandoned {run['abandoned']}, dead {run['dead']} (unregistered "
+                      f"{run['unregistered']}, kept {run['kept']})"
+                      f"{_sent_to(run['apns'])}\n")
     if "verified" in report:
         if report["verified"]:
             scope = ("the hash chain and positions" if report.get("tables_checked") is False
@@ -696,6 +702,14 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
             out.write(f"verified      NO: first bad position {report['first_bad_position']}\n")
             for problem in report["problems"]:
                 out.write(f"  - {problem['problem']}\n")
+
+
+def _sent_to(apns: Any) -> str:
+    if not isinstance(apns, dict):
+        return ""
+    if apns.get("environment") == "simulator":
+        return f"  SIMULATED (built-in APNs simulator at {apns.get('endpoint')})"
+    return f"  APNs {apns.get('environment')} ({apns.get('endpoint')})"
 
 
 def rebuild_main(dsn: str, argv: list[str] | None = None) -> int:

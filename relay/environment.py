@@ -39,6 +39,14 @@ def database(config: Config) -> Iterator[str]:
             embedded.stop()
 
 
+def apns_target(config: Config, in_use: ApnsConfig) -> dict[str, str | None]:
+    """Where a run sends, as `run_started` records it: environment "simulator" when the
+    relay runs its own simulator (no credentials), so the log says nothing reached Apple."""
+    simulated = not config.apns.credentials_given
+    return {"environment": "simulator" if simulated else in_use.environment,
+            "endpoint": in_use.url}
+
+
 @contextmanager
 def apns(config: Config) -> Iterator[ApnsConfig]:
     """The APNs settings to use: the configured ones, else a simulator of our own."""

@@ -124,7 +124,9 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
                 client.start()
                 try:
                     runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client,
-                                          registry=registry)
+                                          registry=registry,
+                                          apns_target=environment.apns_target(
+                                              config, apns_config))
                     freeze_startup_heap()
                     yield Parts(journal, registry, client, runner, apns_config)
                 finally:

@@ -40,7 +40,7 @@ def the_log() -> list[ev.Event]:
         ev.notification_delivered(1, B, T0 + 60_001, attempt=2, apns_id="b2", status=200,
                                   latency_ms=10.0),
         ev.run_finished(1, T0 + 60_002, tokens=3, delivered=2, failed=2, abandoned=0,
-                        unregistered=1),
+                        dead=1, unregistered=1, kept=0),
         ev.run_started(2, T0 + 3_600_000, 2),
     ]
 
@@ -72,9 +72,11 @@ def test_summary(log: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert report["devices"] == {"active": 2, "unregistered": 1}
     assert report["runs"] == [
         {"run": 1, "started_at": ev.iso_ms(T0 + 1000), "finished_at": ev.iso_ms(T0 + 60_002),
-         "tokens": 3, "delivered": 2, "failed": 2, "abandoned": 0, "unregistered": 1},
+         "tokens": 3, "delivered": 2, "failed": 2, "abandoned": 0, "dead": 1,
+         "unregistered": 1, "kept": 0},
         {"run": 2, "started_at": ev.iso_ms(T0 + 3_600_000), "finished_at": None,
-         "tokens": 2, "delivered": 0, "failed": 0, "abandoned": 0, "unregistered": 0},
+         "tokens": 2, "delivered": 0, "failed": 0, "abandoned": 0, "dead": 0,
+         "unregistered": 0, "kept": 0},
     ]
     assert "verified" not in report
 
