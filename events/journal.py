@@ -207,6 +207,21 @@ def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -
     return appended
 
 
+def append_first(dsn: str, event: Event) -> bool:
+    """Append `event` as the log's first event if the log is empty; True if it did. The
+    head lock decides, so of processes starting together exactly one writes it."""
+    encoded = [_encode(event)]
+    with connect(dsn, application_name="relay-create-log") as conn:
+        with conn.cursor() as cur:
+            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+            assert row is not None, "log_head has exactly one row"
+            if row[0] != 0:
+                return False
+            _copy_events(cur, encoded, row[0], row[1])
+        conn.commit()
+    return True
+
+
 class Journal:
     """The one writer of the event log (see the module docstring for the protocol)."""
 

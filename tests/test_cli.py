@@ -44,8 +44,8 @@ def test_register_then_wakeup_delivers_exactly_once(
     """On the embedded defaults for APNs: the relay's own simulator, and it says so."""
     port = free_port()
     config = tmp_path / "relay.yaml"
-    config.write_text(f"database:\n  dsn: '{dsn}'\nhttp:\n  listen: 127.0.0.1:{port}\n"
-                      "wakeup:\n  interval: 1h\n")
+    config.write_text(f"database:\n  dsn: '{dsn}'\n  data_dir: '{tmp_path}'\n"
+                      f"http:\n  listen: 127.0.0.1:{port}\nwakeup:\n  interval: 1h\n")
     url = f"http://127.0.0.1:{port}"
     supervisor = start_relay(processes, config, name="supervisor")
     wait_healthy(url, supervisor)
