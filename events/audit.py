@@ -165,11 +165,6 @@ def _parse_beyond_orjson(body: bytes) -> Any:
     return doc if end == len(text) else None
 
 
-def _no_match(body: bytes) -> None:
-    """The fast-path check of an unknown type: never matches (the exact check decides)."""
-    return None
-
-
 def _time_or_none(text: str) -> int:
     """Epoch ms of an event's "at"; a malformed one sorts before every --until."""
     try:
@@ -197,7 +192,7 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
     """
     state_apply = result.state.apply
     history = result.history
-    fast_shape, no_match = shapes.FAST.get, _no_match
+    shapes_of, no_shapes, dumps = shapes.FAST.get, shapes.NO_SHAPES, orjson.dumps
     sha256 = hashlib.sha256
     loads, refused = orjson.loads, orjson.JSONDecodeError
     expected = first
@@ -229,10 +224,19 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
                 elif (doc.get("position") != row_position or doc.get("type") != type_
                         or doc.get("token") != row_token or doc.get("run") != run):
                     result.chain_problem(row_position, _disagreement(doc, row_position))
-                elif (fast_shape(type_, no_match)(body) is None
-                        and (bad := shapes.body_problem(doc, body)) is not None):
-                    result.chain_problem(row_position, f"event {row_position}: {bad}")
-                    doc = None  # never folded: the fold's rules read well-formed events only
+                else:  # shapes.well_formed, inlined: it runs for every event
+                    allowed = shapes_of(type_, no_shapes).get(tuple(doc))
+                    try:
+                        fine = (allowed is not None
+                                and tuple(map(type, doc.values())) in allowed
+                                and dumps(doc) == body)
+                    except TypeError:  # orjson refuses integers beyond 64 bits
+                        fine = False
+                    if not fine:  # the exact parse: orjson reads huge integers as floats
+                        doc = _parse_beyond_orjson(body) or doc
+                    if not fine and (bad := shapes.body_problem(doc, body)) is not None:
+                        result.chain_problem(row_position, f"event {row_position}: {bad}")
+                        doc = None  # not folded: the fold reads well-formed events only
             previous = stored
             expected = row_position + 1
             count += 1

@@ -471,6 +471,7 @@ class Supervisor:
         """Serve until stopped, halted or escalated; returns the exit status."""
         from relay.api import ApiServer
 
+        self.checkpoints.take()  # served from the start, renewed after every run
         api = ApiServer(self.config, self.parts.registry, self, apns=self.parts.apns,
                         simulated=not self.config.apns.credentials_given,
                         checkpoint=self.checkpoints.latest)

@@ -195,4 +195,5 @@ def test_bodies_beyond_what_orjson_reads_verify(dsn: str,
     finally:
         journal.stop(5)
     status, report = audit_json(dsn, capsys, "--verify")
+    assert report["problems"] == []
     assert (status, report["verified"], report["events"]) == (0, True, 2)

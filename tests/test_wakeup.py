@@ -363,10 +363,12 @@ def test_progress_logger_reports_rate_and_eta(caplog: pytest.LogCaptureFixture) 
     log_progress = ProgressLogger(interval=3600.0)
     log_progress(Progress(run=4, done=10, total=110, sends=12, elapsed=2.0))
     log_progress(Progress(run=4, done=20, total=110, sends=24, elapsed=3.0))  # throttled
-    log_progress(Progress(run=4, done=110, total=110, sends=120, elapsed=9.0))  # the end
+    log_progress(Progress(run=4, done=110, total=110, sends=120, elapsed=9.0, dead=5,
+                          unregistered=4, kept=1))  # the end
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["run 4: 10/110 tokens done, 5.0 tokens/s, ETA 20s",
-                        "run 4: 110/110 tokens done, 12.2 tokens/s, ETA 0s"]
+    assert messages == [
+        "run 4: 10/110 tokens done (dead 0: unregistered 0, kept 0), 5.0 tokens/s, ETA 20s",
+        "run 4: 110/110 tokens done (dead 5: unregistered 4, kept 1), 12.2 tokens/s, ETA 0s"]
 
 
 def test_connections_cut_mid_run_lose_nothing_and_the_run_finishes(
