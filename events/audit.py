@@ -192,7 +192,8 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
     """
     state_apply = result.state.apply
     history = result.history
-    shapes_of, no_shapes, dumps = shapes.FAST.get, shapes.NO_SHAPES, orjson.dumps
+    decoders = {type_: decoder.decode for type_, decoder in shapes.DECODERS.items()}
+    decoder_of, invalid, encode = decoders.get, shapes.INVALID, shapes.ENCODE
     sha256 = hashlib.sha256
     loads, refused = orjson.loads, orjson.JSONDecodeError
     expected = first
@@ -201,12 +202,23 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
     complete = True
     for rows in _pages(conn, first, last):
         for type_, row_token, run, body, stored, row_position in rows:
-            try:
-                doc = loads(body)
-            except refused:
-                doc = _parse_beyond_orjson(body)
-            if type(doc) is not dict:
-                doc = None
+            # Parsed by the type's validating decoder (events/shapes.py) when it can be;
+            # else by orjson, or the standard parser (integers beyond 64 bits).
+            decode = decoder_of(type_)
+            valid = False
+            if decode is not None:
+                try:
+                    doc = decode(body)
+                    valid = True
+                except invalid:
+                    pass
+            if not valid:
+                try:
+                    doc = loads(body)
+                except refused:
+                    doc = _parse_beyond_orjson(body)
+                if type(doc) is not dict:
+                    doc = None
             elif (until_ms is not None and isinstance(at := doc.get("at"), str)
                     and _time_or_none(at) > until_ms):
                 complete = False
@@ -224,17 +236,9 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
                 elif (doc.get("position") != row_position or doc.get("type") != type_
                         or doc.get("token") != row_token or doc.get("run") != run):
                     result.chain_problem(row_position, _disagreement(doc, row_position))
-                else:  # shapes.well_formed, inlined: it runs for every event
-                    allowed = shapes_of(type_, no_shapes).get(tuple(doc))
-                    try:
-                        fine = (allowed is not None
-                                and tuple(map(type, doc.values())) in allowed
-                                and dumps(doc) == body)
-                    except TypeError:  # orjson refuses integers beyond 64 bits
-                        fine = False
-                    if not fine:  # the exact parse: orjson reads huge integers as floats
-                        doc = _parse_beyond_orjson(body) or doc
-                    if not fine and (bad := shapes.body_problem(doc, body)) is not None:
+                elif not valid or encode(doc) != body:  # not certainly fine: decide exactly
+                    doc = _parse_beyond_orjson(body) or doc  # orjson: huge integers as floats
+                    if (bad := shapes.body_problem(doc, body)) is not None:
                         result.chain_problem(row_position, f"event {row_position}: {bad}")
                         doc = None  # not folded: the fold reads well-formed events only
             previous = stored
