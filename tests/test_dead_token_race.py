@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pykka
@@ -17,6 +19,7 @@ import pytest
 
 from actors.delivery import DeadVerdict
 from actors.registry import RegistryHandle
+from events import journal as journal_module
 from events import types as ev
 from events.journal import Journal, append_bulk
 from events.store import LogReader
@@ -100,3 +103,37 @@ def test_a_verdict_on_a_token_registered_long_before_unregisters_it(
                           apple_timestamp_ms=now - 30_000, run=1, apns_id="a")
     assert registry.dead_token(verdict).result(WAIT) == ev.DEVICE_UNREGISTERED
     assert registry.dead_token(verdict).result(WAIT) is None  # no longer registered
+
+
+def test_while_the_registration_cannot_be_read_nothing_is_unregistered(
+        dsn: str, registry: RegistryHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read fails inside the append transaction: that batch writes nothing and is
+    retried; the verdict is decided on the registration once it can be read."""
+    now = ev.now_ms()
+    append_bulk(dsn, [ev.device_registered(TOKEN, now - 3_600_000)])
+    real_decide = journal_module._decide
+    failed, registered = threading.Event(), threading.Event()
+
+    def unreadable_once(cur: Any, batch: Any) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise psycopg.OperationalError("the devices table cannot be read")
+        real_decide(cur, batch)
+
+    def pause_until_registered(self: Journal, delay: float) -> bool:
+        return registered.wait(WAIT)  # the lock is free: the device registers again
+
+    monkeypatch.setattr(journal_module, "_decide", unreadable_once)
+    monkeypatch.setattr(Journal, "_pause", pause_until_registered)
+    verdict = DeadVerdict(TOKEN, "Unregistered", verdict_at_ms=now - 30_000,
+                          apple_timestamp_ms=now - 30_000, run=1, apns_id="a")
+    decided = registry.dead_token(verdict)
+    assert failed.wait(WAIT)
+    with psycopg.connect(dsn) as conn:  # nothing was written by the failed attempt
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+    append_bulk(dsn, [ev.device_registered(TOKEN, ev.now_ms())])
+    registered.set()
+    assert decided.result(WAIT) == ev.UNREGISTER_SKIPPED
+    with psycopg.connect(dsn) as conn:
+        types = [t for (t,) in conn.execute("SELECT type FROM events ORDER BY position")]
+    assert types == [ev.DEVICE_REGISTERED, ev.DEVICE_REGISTERED, ev.UNREGISTER_SKIPPED]
