@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -72,7 +72,9 @@ class RunResult:
     delivered: int = 0
     failed: int = 0
     abandoned: int = 0
-    unregistered: int = 0
+    dead: int = 0  # dead-token verdicts; of those:
+    unregistered: int = 0  # unregistered
+    kept: int = 0  # kept: the device registered again after APNs' verdict
     halted: HaltInfo | None = None
     stopped: bool = False  # a stop was requested: the run is left for the next start
     drained: bool = True  # False: the drain timed out with sends still unanswered
@@ -88,6 +90,9 @@ class Progress:
     sends: int  # answered sends in this process
     elapsed: float  # seconds since this process took up the run
     done_at_start: int = 0  # already done when a resumed run was taken up
+    dead: int = 0  # dead-token verdicts so far, of which
+    unregistered: int = 0  # unregistered
+    kept: int = 0  # and kept (registered again)
 
     @property
     def rate(self) -> float:
@@ -134,8 +139,10 @@ class Dispatcher(pykka.ThreadingActor):
     def __init__(self, config: WakeupConfig, *, reader: LogReader, journal: Journal,
                  client: NotificationClient, registry: RegistryHandle, done: Future[RunResult],
                  progress: ProgressCallback | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 apns: Mapping[str, str | None] | None = None) -> None:
         super().__init__()
+        self._apns = apns  # where the run sends, recorded in run_started
         self._config, self._reader, self._journal = config, reader, journal
         self._client, self._registry, self._done = client, registry, done
         self._progress_cb = progress
@@ -149,7 +156,8 @@ class Dispatcher(pykka.ThreadingActor):
         # RunResult (`_result`) only when one is asked for (dataclasses.replace per token
         # was a third of the Dispatcher's time).
         self._base = RunResult(run=None, finished=False)
-        self._delivered = self._failed = self._abandoned = self._unregistered = 0
+        self._delivered = self._failed = self._abandoned = 0
+        self._dead = self._unregistered = self._kept = 0
         self._started = False
         self._credits = config.max_in_flight
         self._page: deque[TokenState] = deque()
@@ -170,13 +178,15 @@ class Dispatcher(pykka.ThreadingActor):
     @property
     def _result(self) -> RunResult:
         return replace(self._base, delivered=self._delivered, failed=self._failed,
-                       abandoned=self._abandoned, unregistered=self._unregistered)
+                       abandoned=self._abandoned, dead=self._dead,
+                       unregistered=self._unregistered, kept=self._kept)
 
     @_result.setter
     def _result(self, result: RunResult) -> None:
         self._base = result
         self._delivered, self._failed = result.delivered, result.failed
-        self._abandoned, self._unregistered = result.abandoned, result.unregistered
+        self._abandoned, self._dead = result.abandoned, result.dead
+        self._unregistered, self._kept = result.unregistered, result.kept
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -265,9 +275,10 @@ class Dispatcher(pykka.ThreadingActor):
             self._result = RunResult(
                 run=unfinished.run, finished=False, resumed=True, tokens=unfinished.tokens,
                 delivered=unfinished.delivered, failed=unfinished.failed,
-                abandoned=unfinished.abandoned, unregistered=unfinished.unregistered)
+                abandoned=unfinished.abandoned, dead=unfinished.dead,
+                unregistered=unfinished.unregistered, kept=unfinished.kept)
             self._done_at_start = (unfinished.delivered + unfinished.abandoned
-                                   + unfinished.unregistered)
+                                   + unfinished.dead)
             log.info("resuming unfinished run %d (%d tokens, %d already done)",
                      unfinished.run, unfinished.tokens, self._done_at_start)
             self._take_up(unfinished.run)
@@ -276,7 +287,7 @@ class Dispatcher(pykka.ThreadingActor):
         self._result = RunResult(run=run, finished=False, tokens=tokens)
         log.info("starting run %d over %d registered tokens", run, tokens,
                  extra={"run": run, "total": tokens})
-        self._append([ev.run_started(run, ev.now_ms(), tokens)], "started")
+        self._append([ev.run_started(run, ev.now_ms(), tokens, apns=self._apns)], "started")
 
     def _take_up(self, run: int) -> None:
         self._started = True
@@ -389,7 +400,11 @@ class Dispatcher(pykka.ThreadingActor):
         elif done.outcome is Outcome.ABANDONED:
             self._abandoned += 1
         else:
-            self._unregistered += 1
+            self._dead += 1
+            if done.dead_decision == ev.DEVICE_UNREGISTERED:
+                self._unregistered += 1
+            elif done.dead_decision == ev.UNREGISTER_SKIPPED:
+                self._kept += 1
         self._report_progress()
 
     def _breaker_changed(self, was_open: bool) -> None:
@@ -433,8 +448,8 @@ class Dispatcher(pykka.ThreadingActor):
             self._result = result = replace(self._result, tokens=tokens)
             self._append([ev.run_finished(
                 run, ev.now_ms(), tokens=tokens, delivered=result.delivered,
-                failed=result.failed, abandoned=result.abandoned,
-                unregistered=result.unregistered)], "finished")
+                failed=result.failed, abandoned=result.abandoned, dead=result.dead,
+                unregistered=result.unregistered, kept=result.kept)], "finished")
 
     def _append(self, events: list[ev.Event], what: str) -> None:
         ref = self.actor_ref
@@ -457,14 +472,16 @@ class Dispatcher(pykka.ThreadingActor):
         if self._progress_cb is None or run is None:
             return
         now = time.monotonic()
-        done = self._delivered + self._abandoned + self._unregistered
+        done = self._delivered + self._abandoned + self._dead
         self._progress_cb(Progress(run, done, max(self._base.tokens, done), self._sends,
-                                   now - self._t0, self._done_at_start))
+                                   now - self._t0, self._done_at_start, self._dead,
+                                   self._unregistered, self._kept))
 
 
 def _counts(result: RunResult) -> str:
     return (f"{result.tokens} tokens, {result.delivered} delivered, {result.failed} failed "
-            f"attempts, {result.abandoned} abandoned, {result.unregistered} unregistered")
+            f"attempts, {result.abandoned} abandoned, {result.dead} dead (unregistered "
+            f"{result.unregistered}, kept {result.kept})")
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:

@@ -13,6 +13,11 @@ moment ago may not be visible to `LogReader.registration` yet. Every decision
 runs on this actor's thread, which sees its own not-yet-committed events in
 `_pending`; together with the committed state that makes ordering exact within
 the process. Entries leave the overlay once committed (then the log has them).
+
+Dead-token verdicts are not decided here but by the Journal, inside the append
+transaction after the head lock (`Journal.append_decided`): a registration another
+process commits meanwhile (a second relay, `relay wakeup` beside the supervisor) is
+then either before the decision, and seen, or after it.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class _Unregister:
 @dataclass(frozen=True)
 class _Dead:
     verdict: DeadVerdict
-    reply: Future[None]
+    reply: Future[str | None]
 
 
 @dataclass(frozen=True)
@@ -175,21 +180,28 @@ class Registry(pykka.ThreadingActor):
                               False, None)
         _chain(commit, reply, lambda: _count_unregistration(ev.CAUSE_API))
 
-    def _dead(self, verdict: DeadVerdict, reply: Future[None]) -> None:
-        active, registered_at_ms = self._state(verdict.token, retry=True) or (True, None)
-        event = decide_dead_token(verdict, active=active, registered_at_ms=registered_at_ms,
-                                  clock_skew_ms=self._skew_ms, now_ms=self._clock_ms())
-        if event is None:
-            self._settle_like_pending(verdict.token, reply)
-            return
-        if event.type == ev.DEVICE_UNREGISTERED:
-            log.info("unregistering %s: APNs says %s", redact(verdict.token), verdict.cause)
-            commit = self._append(verdict.token, event, False, None)
-            _chain(commit, reply, lambda: _count_unregistration(verdict.cause))
-        else:
-            log.info("keeping %s despite APNs' %s: it registered again after the verdict",
-                     redact(verdict.token), verdict.cause)
-            _chain(self._journal_commit(event), reply, lambda: None)
+    def _dead(self, verdict: DeadVerdict, reply: Future[str | None]) -> None:
+        skew_ms, now_ms = self._skew_ms, self._clock_ms()
+
+        def decide(active: bool, registered_at_ms: int | None) -> ev.Event | None:
+            return decide_dead_token(verdict, active=active, registered_at_ms=registered_at_ms,
+                                     clock_skew_ms=skew_ms, now_ms=now_ms)
+
+        def decided(future: Future[ev.Event | None]) -> None:
+            error = CancelledError() if future.cancelled() else future.exception()
+            if error is not None:
+                reply.set_exception(error)
+                return
+            event = future.result()
+            if event is not None and event.type == ev.DEVICE_UNREGISTERED:
+                log.info("unregistered %s: APNs says %s", redact(verdict.token), verdict.cause)
+                _count_unregistration(verdict.cause)
+            elif event is not None:
+                log.info("kept %s despite APNs' %s: it registered again after the verdict",
+                         redact(verdict.token), verdict.cause)
+            reply.set_result(None if event is None else event.type)
+
+        self._journal.append_decided(verdict.token, decide).add_done_callback(decided)
 
     def _state(self, token: str, *, retry: bool) -> tuple[bool, int | None] | None:
         """(active, registered_at_ms), own pending events first; None if unreadable."""
@@ -295,9 +307,17 @@ class RegistryHandle:
     def unregister(self, token: str) -> Future[None]:
         return self._send(lambda reply: _Unregister(token, reply))
 
-    def dead_token(self, verdict: DeadVerdict) -> Future[None]:
-        """Unregister or keep a token APNs called dead; resolves after the decision is committed."""
-        return self._send(lambda reply: _Dead(verdict, reply))
+    def dead_token(self, verdict: DeadVerdict) -> Future[str | None]:
+        """Unregister or keep a token APNs called dead; resolves after the decision is
+        committed, with the type of the event written (None: the token was not registered)."""
+        reply: Future[str | None] = Future()
+        try:
+            if self._ref is None:
+                raise pykka.ActorDeadError("never started")
+            self._ref.tell(_Dead(verdict, reply))
+        except pykka.ActorDeadError as exc:
+            reply.set_exception(RuntimeError(f"the registry is not running: {exc}"))
+        return reply
 
     def alive(self) -> bool:
         return self._ref is not None and self._ref.is_alive()

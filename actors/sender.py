@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -117,6 +117,7 @@ class TokenDone:
     sent: bool
     status: int | None
     failed_events: int
+    dead_decision: str | None = None  # for a dead token: the Registry's event type, if any
 
 
 @dataclass(frozen=True)
@@ -315,8 +316,14 @@ class SenderShard(pykka.ThreadingActor):
         # The token is final for the run already; the credit returns once the Registry has
         # committed its decision, so a finished run never races its own unregistrations.
         dispatcher = self._dispatcher
-        self._registry.dead_token(decision.dead).add_done_callback(
-            lambda _: _tell_quietly(dispatcher, done))
+
+        def decided(future: Future[str | None]) -> None:
+            kind = None if future.cancelled() or future.exception() else future.result()
+            if kind is not None:
+                _outcome_label(_DECISION_LABELS[kind]).inc()
+            _tell_quietly(dispatcher, replace(done, dead_decision=kind))
+
+        self._registry.dead_token(decision.dead).add_done_callback(decided)
 
     def _park(self, delivery: Delivery) -> None:
         due = delivery.next_attempt_at_ms or 0
@@ -336,15 +343,21 @@ class SenderShard(pykka.ThreadingActor):
         self._outbox.append(message)
 
 
-_OUTCOME_COUNTERS: dict[Outcome, Any] = {}
+_OUTCOME_COUNTERS: dict[str, Any] = {}
+# What became of a dead token, as relay_run_outcomes_total labels it (beside "dead").
+_DECISION_LABELS = {ev.DEVICE_UNREGISTERED: "unregistered", ev.UNREGISTER_SKIPPED: "kept"}
+
+
+def _outcome_label(label: str) -> Any:
+    """The labelled counter, looked up once per label rather than once per token."""
+    counter = _OUTCOME_COUNTERS.get(label)
+    if counter is None:
+        counter = _OUTCOME_COUNTERS[label] = metrics.RUN_OUTCOMES.labels(label)
+    return counter
 
 
 def _outcome_counter(outcome: Outcome) -> Any:
-    """The labelled counter, looked up once per outcome rather than once per token."""
-    counter = _OUTCOME_COUNTERS.get(outcome)
-    if counter is None:
-        counter = _OUTCOME_COUNTERS[outcome] = metrics.RUN_OUTCOMES.labels(outcome.value)
-    return counter
+    return _outcome_label(outcome.value)
 
 
 def _client_failure(token: str, delivery: Delivery, error: BaseException) -> ApnsResult:

@@ -25,6 +25,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
@@ -60,8 +61,9 @@ class WakeupRunner:
     """Runs wakeups one at a time over the caller's Journal, APNs client and Registry."""
 
     def __init__(self, config: Config, *, dsn: str, journal: Journal, client: NotificationClient,
-                 registry: RegistryHandle, rng: random.Random | None = None) -> None:
-        self._config, self._dsn = config, dsn
+                 registry: RegistryHandle, rng: random.Random | None = None,
+                 apns_target: Mapping[str, str | None] | None = None) -> None:
+        self._config, self._dsn, self._apns_target = config, dsn, apns_target
         self._journal, self._client, self._registry, self._rng = journal, client, registry, rng
         self._lock = threading.Lock()
         self._dispatcher: pykka.ActorRef[Dispatcher] | None = None
@@ -78,7 +80,7 @@ class WakeupRunner:
         done: Future[RunResult] = Future()
         ref = Dispatcher.start(self._config.wakeup, reader=reader, journal=self._journal,
                                client=self._client, registry=self._registry, done=done,
-                               progress=progress, rng=self._rng)
+                               progress=progress, rng=self._rng, apns=self._apns_target)
         with self._lock:
             self._dispatcher = ref
             if self._stop.done():
@@ -141,10 +143,13 @@ class ProgressLogger:
             return
         self._last = now
         eta = progress.eta
-        self._log.info("run %d: %d/%d tokens done, %.1f tokens/s, ETA %s", progress.run,
-                       progress.done, progress.total, progress.rate,
+        self._log.info("run %d: %d/%d tokens done (dead %d: unregistered %d, kept %d), "
+                       "%.1f tokens/s, ETA %s", progress.run, progress.done, progress.total,
+                       progress.dead, progress.unregistered, progress.kept, progress.rate,
                        "unknown" if eta is None else f"{eta:.0f}s",
                        extra={"run": progress.run, "done": progress.done,
-                              "total": progress.total, "rate": round(progress.rate, 1),
+                              "total": progress.total, "dead": progress.dead,
+                              "unregistered": progress.unregistered, "kept": progress.kept,
+                              "rate": round(progress.rate, 1),
                               "eta_s": None if eta is None else round(eta)})
 

@@ -88,7 +88,7 @@ def wakeup_workload(count: int, seed: int = 7) -> list[ev.Event]:
                 1, token, at, attempt=1, apns_id=str(uuid.UUID(int=rng.getrandbits(128))),
                 status=200, latency_ms=rng.uniform(5, 80)))
     events.append(ev.run_finished(1, at + 1, tokens=len(tokens), delivered=0, failed=0,
-                                  abandoned=0, unregistered=0))
+                                  abandoned=0, dead=0, unregistered=0, kept=0))
     return events[:count]
 
 

@@ -67,7 +67,7 @@ def realistic_log(count: int, tokens: int, seed: int = 11) -> Iterator[ev.Event]
                                                         latency_ms=rng.uniform(5, 80)))
         events.append(ev.run_finished(run, at + 1_000_000, tokens=len(names),
                                       delivered=len(names), failed=failed, abandoned=0,
-                                      unregistered=0))
+                                      dead=0, unregistered=0, kept=0))
         for event in events:
             if emitted == count:
                 return

@@ -28,15 +28,16 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
 import psycopg
 from psycopg import sql
 
-from events import codec, projection
+from events import checkpoint, codec, projection, shapes
 from events.projection import DeviceRow, RunRow, State, time_ms
 from events.types import iso_ms, parse_iso_ms
 from relay.database import connect
@@ -164,6 +165,14 @@ def _parse_beyond_orjson(body: bytes) -> Any:
     return doc if end == len(text) else None
 
 
+def _time_or_none(text: str) -> int:
+    """Epoch ms of an event's "at"; a malformed one sorts before every --until."""
+    try:
+        return time_ms(text)
+    except ValueError:
+        return -1
+
+
 def _disagreement(doc: dict[str, Any], position: int) -> str:
     if doc.get("position") != position:
         return f"event {position}: its body says position {doc.get('position')}: rows were moved"
@@ -183,6 +192,8 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
     """
     state_apply = result.state.apply
     history = result.history
+    decoders = {type_: decoder.decode for type_, decoder in shapes.DECODERS.items()}
+    decoder_of, invalid, encode = decoders.get, shapes.INVALID, shapes.ENCODE
     sha256 = hashlib.sha256
     loads, refused = orjson.loads, orjson.JSONDecodeError
     expected = first
@@ -191,14 +202,25 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
     complete = True
     for rows in _pages(conn, first, last):
         for type_, row_token, run, body, stored, row_position in rows:
-            try:
-                doc = loads(body)
-            except refused:
-                doc = _parse_beyond_orjson(body)
-            if type(doc) is not dict:
-                doc = None
+            # Parsed by the type's validating decoder (events/shapes.py) when it can be;
+            # else by orjson, or the standard parser (integers beyond 64 bits).
+            decode = decoder_of(type_)
+            valid = False
+            if decode is not None:
+                try:
+                    doc = decode(body)
+                    valid = True
+                except invalid:
+                    pass
+            if not valid:
+                try:
+                    doc = loads(body)
+                except refused:
+                    doc = _parse_beyond_orjson(body)
+                if type(doc) is not dict:
+                    doc = None
             elif (until_ms is not None and isinstance(at := doc.get("at"), str)
-                    and time_ms(at) > until_ms):
+                    and _time_or_none(at) > until_ms):
                 complete = False
                 break
             if verify:
@@ -214,11 +236,20 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
                 elif (doc.get("position") != row_position or doc.get("type") != type_
                         or doc.get("token") != row_token or doc.get("run") != run):
                     result.chain_problem(row_position, _disagreement(doc, row_position))
+                elif not valid or encode(doc) != body:  # not certainly fine: decide exactly
+                    doc = _parse_beyond_orjson(body) or doc  # orjson: huge integers as floats
+                    if (bad := shapes.body_problem(doc, body)) is not None:
+                        result.chain_problem(row_position, f"event {row_position}: {bad}")
+                        doc = None  # not folded: the fold reads well-formed events only
             previous = stored
             expected = row_position + 1
             count += 1
             if doc is not None:
-                state_apply(type_, doc)
+                try:
+                    state_apply(type_, doc)
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                    result.chain_problem(row_position, f"event {row_position}: a {type_} that "
+                                         f"cannot be read ({type(exc).__name__}: {exc})")
                 if token is not None and row_token == token:
                     history.append(doc)
         else:
@@ -523,8 +554,17 @@ def _audit_parser() -> argparse.ArgumentParser:
                              "workers (default: 1 "
                              f"below {PARALLEL_MIN_EVENTS:,} events, else the CPU count)")
     parser.add_argument("--verify", action="store_true",
-                        help="check the hash chain, the positions and the cached tables; "
-                             "exit 1 naming the first bad position on any mismatch")
+                        help="check the hash chain, the positions, every body's shape and "
+                             "bytes, and the cached tables; exit 1 naming the first bad "
+                             "position on any mismatch")
+    parser.add_argument("--checkpoint", metavar="FILE_OR_DIR", type=Path, action="append",
+                        help="(repeatable; implies --verify) signed checkpoints (a file, or "
+                             "every *.json in a directory) the log must agree with: exit 1 "
+                             "naming the checkpoint if the log was rolled back behind it or "
+                             "rewritten up to it, or if its signature does not verify")
+    parser.add_argument("--public-key", metavar="FILE", type=Path,
+                        help="the PEM public key checkpoints must be signed with (default: "
+                             "that of the relay's own audit.signing_key)")
     parser.add_argument("--html", metavar="FILE",
                         help="write a self-contained HTML report with charts (needs the "
                              "`report` extra); the log is verified for it")
@@ -542,8 +582,14 @@ _PARSERS = {"audit": _audit_parser, "rebuild": _rebuild_parser}
 
 def _parse(command: str, argv: list[str]) -> argparse.Namespace | int:
     """The arguments, or the exit status once help or a usage error is printed."""
+    parser = _PARSERS[command]()
     try:
-        return _PARSERS[command]().parse_args(argv)
+        args = parser.parse_args(argv)
+        if getattr(args, "checkpoint", None):
+            if args.until is not None or args.token is not None:
+                parser.error("--checkpoint checks the whole log: not with --until or --token")
+            args.verify = True
+        return args
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
 
@@ -569,8 +615,12 @@ def usage_status(command: str, argv: list[str]) -> int | None:
     return None
 
 
-def audit_main(dsn: str, argv: list[str], *, interval: float | None = None) -> int:
-    """`interval`: the configured wakeup.interval, which the HTML report draws."""
+def audit_main(dsn: str, argv: list[str], *, signing_key: Path | None = None,
+               warnings: Sequence[str] = (), interval: float | None = None) -> int:
+    """`signing_key`: the relay's own key, whose public half checks checkpoints when no
+    --public-key is given; `warnings`: printed with the report (e.g. that the runtime
+    role could rewrite the log, relay/privilege.py); `interval`: the configured
+    wakeup.interval, which the HTML report draws."""
     args = _parse("audit", argv)
     if isinstance(args, int):
         return args
@@ -578,6 +628,16 @@ def audit_main(dsn: str, argv: list[str], *, interval: float | None = None) -> i
         from events.report import html_main
 
         return html_main(dsn, args.html, until_ms=args.until, interval=interval)
+    public = None
+    if args.checkpoint:
+        key_file = args.public_key or signing_key
+        try:
+            if key_file is None:
+                raise checkpoint.CheckpointError("no key to check checkpoints with")
+            public = checkpoint.load_public_key(key_file)
+        except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+            print(f"audit: {exc}: pass --public-key FILE", file=sys.stderr)
+            return EXIT_USAGE
     token: str | None = args.token
     with connect(dsn, application_name="relay-audit") as conn:
         _read_only_snapshot(conn)
@@ -617,6 +677,10 @@ def audit_main(dsn: str, argv: list[str], *, interval: float | None = None) -> i
                     check_tables(cur, result, devices_table)
                 else:
                     _check_prefix_against_head(cur, result)
+                if public is not None:
+                    for position, what in checkpoint.verify(
+                            cur, result.last_position, checkpoint.load(args.checkpoint), public):
+                        result.chain_problem(position, what)
     if args.verify:
         report["verified"] = result.verified
         report["first_bad_position"] = result.first_bad_position
@@ -624,12 +688,19 @@ def audit_main(dsn: str, argv: list[str], *, interval: float | None = None) -> i
                               for p in result.chain_problems + result.table_problems]
         if args.until is not None:
             report["tables_checked"] = False
+        if args.checkpoint:
+            report["checkpoints_checked"] = True
+    elif result.chain_problem_count:  # events the fold could not read: never a traceback
+        report["problems"] = [{"position": p.position, "problem": p.what}
+                              for p in result.chain_problems]
+    if warnings:
+        report["warnings"] = list(warnings)
     if args.json:
         json.dump(report, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         _print_text(report, sys.stdout)
-    return EXIT_MISMATCH if args.verify and not result.verified else EXIT_OK
+    return EXIT_MISMATCH if not result.verified else EXIT_OK
 
 
 def _check_prefix_against_head(cur: psycopg.Cursor[Any], result: Replay) -> None:
@@ -646,10 +717,17 @@ def _token_replay(cur: psycopg.Cursor[Any], token: str, until_ms: int | None) ->
     for position, body in cur.execute(
             "SELECT position, body FROM events WHERE token = %s ORDER BY position", (token,),
             binary=True):
-        doc = json.loads(body)
-        if until_ms is not None and time_ms(doc["at"]) > until_ms:
+        try:
+            doc = codec.decode(body)
+        except ValueError:
+            result.chain_problem(position, f"event {position}: its body is not one JSON object")
+            continue
+        if until_ms is not None and _time_or_none(str(doc.get("at"))) > until_ms:
             break
-        result.state.apply(doc["type"], doc)
+        if (bad := shapes.problem(doc)) is not None:
+            result.chain_problem(position, f"event {position}: {bad}")
+        else:
+            result.state.apply(doc["type"], doc)
         result.history.append(doc)
         result.events += 1
         result.last_position = position
@@ -665,18 +743,22 @@ def _summary(result: Replay) -> dict[str, Any]:
         "head": result.last_hash.hex() if result.events else None,
         "last_position": result.last_position,
         "devices": {"active": active, "unregistered": unregistered},
-        "runs": [_run_json(number, row) for number, row in sorted(result.state.runs.items())],
+        "runs": [_run_json(number, row, result.state.run_apns.get(number))
+                 for number, row in sorted(result.state.runs.items())],
     }
 
 
-def _run_json(number: int, row: RunRow) -> dict[str, Any]:
-    started, finished, tokens, delivered, failed, abandoned, unregistered = row
+def _run_json(number: int, row: RunRow, apns: Any) -> dict[str, Any]:
+    """`apns`: where the run sent ({"environment", "endpoint"}; environment "simulator"
+    for the built-in simulator), None when its run_started did not record it."""
+    started, finished, tokens, delivered, failed, abandoned, dead, unregistered, kept = row
     return {
         "run": number,
         "started_at": None if started is None else iso_ms(started),
         "finished_at": None if finished is None else iso_ms(finished),
         "tokens": tokens, "delivered": delivered, "failed": failed, "abandoned": abandoned,
-        "unregistered": unregistered,
+        "dead": dead, "unregistered": unregistered, "kept": kept, "apns": apns,
+        "simulated": isinstance(apns, dict) and apns.get("environment") == "simulator",
     }
 
 
@@ -708,16 +790,33 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
             out.write(f"  run {run['run']}: {run['started_at'] or '?'} .. "
                       f"{run['finished_at'] or 'unfinished'}  tokens {run['tokens']}, "
                       f"delivered {run['delivered']}, failed attempts {run['failed']}, "
-                      f"abandoned {run['abandoned']}, unregistered {run['unregistered']}\n")
+                      f"abandoned {run['abandoned']}, dead {run['dead']} (unregistered "
+                      f"{run['unregistered']}, kept {run['kept']})"
+                      f"{_sent_to(run['apns'])}\n")
     if "verified" in report:
         if report["verified"]:
             scope = ("the hash chain and positions" if report.get("tables_checked") is False
                      else "the hash chain, positions, head and cached tables")
+            if report.get("checkpoints_checked"):
+                scope += ", and every checkpoint given,"
             out.write(f"verified      yes: {scope} match the log\n")
         else:
             out.write(f"verified      NO: first bad position {report['first_bad_position']}\n")
-            for problem in report["problems"]:
-                out.write(f"  - {problem['problem']}\n")
+    if report.get("problems") and ("verified" not in report or not report["verified"]):
+        if "verified" not in report:
+            out.write("unreadable    events the audit could not read (run --verify):\n")
+        for problem in report["problems"]:
+            out.write(f"  - {problem['problem']}\n")
+    for warning in report.get("warnings", ()):
+        out.write(f"WARNING       {warning}\n")
+
+
+def _sent_to(apns: Any) -> str:
+    if not isinstance(apns, dict):
+        return ""
+    if apns.get("environment") == "simulator":
+        return f"  SIMULATED (built-in APNs simulator at {apns.get('endpoint')})"
+    return f"  APNs {apns.get('environment')} ({apns.get('endpoint')})"
 
 
 def rebuild_main(dsn: str, argv: list[str] | None = None) -> int:

@@ -15,8 +15,10 @@ Including the position in the bytes means that a row moved to another place (two
 swapped, a row deleted and the rest renumbered) no longer hashes the same.
 
 The chain: `hash(n) = sha256(hash(n-1) || body(n))`, with `hash(0)` = 32 zero bytes
-(`GENESIS_HASH`). `log_head` carries the last position and hash; see
-`schema/001_event_log.sql` for how the database enforces both.
+(`GENESIS_HASH`). A log's first event (`log_created`, events/checkpoint.py) holds 32
+random bytes, so that no two logs share a chain and a checkpoint names one log.
+`log_head` carries the last position and hash; see `schema/001_event_log.sql` for how
+the database enforces both.
 """
 
 from __future__ import annotations

@@ -16,6 +16,13 @@ request for more to arrive) and writes it in ONE transaction:
 One commit per batch instead of per event is what makes the log fast (the fsync is
 shared); appenders that arrive while a transaction runs form the next batch.
 
+Decisions under the lock (`append_decided`): an event that depends on a token's
+registration (APNs called the token dead: unregister it, or keep it because the
+device registered again) is decided inside the append transaction, after the head
+lock, from the devices table overlaid with the batch's earlier events. Every writer
+of the log takes that lock, so no registration can commit between the read and the
+event: the decision and the event are one atomic step, whichever process registered.
+
 Database failures: the writer marks the database unavailable, retries the same
 batch with the pauses of `relay.database.RetryPauses` (400 ms to 30 s) until it
 commits, and only then takes the next batch, so order is kept. A connection lost
@@ -37,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -45,6 +52,7 @@ from typing import Any, NamedTuple
 import psycopg
 
 from events import codec, projection
+from events import types as ev
 from events.types import EVENT_TYPES, Event
 from relay import metrics
 from relay.database import RetryPauses, connect
@@ -99,11 +107,17 @@ class _Encoded(NamedTuple):
     columns: bytes  # the type, token and run fields of its COPY row
 
 
+# A registration-dependent decision: (active, registered_at_ms) -> the event, or None.
+Decide = Callable[[bool, "int | None"], "Event | None"]
+
+
 @dataclass
 class _Request:
     events: list[_Encoded]
-    future: Future[list[int]]
+    future: Future[Any]  # positions; for a decision, the event decided (or None)
     enqueued: float
+    decide: tuple[str, Decide] | None = None  # (token, rule), decided under the head lock
+    decided: Event | None = None
 
 
 def _is_transient(exc: psycopg.Error) -> bool:
@@ -138,6 +152,29 @@ def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int
     return position, patch
 
 
+def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
+    """Decide the batch's conditional events (under the head lock): each sees the
+    devices table as committed, overlaid with the events before it in the batch."""
+    tokens = [request.decide[0] for request in batch if request.decide is not None]
+    state: dict[str, tuple[bool, int | None]] = {
+        token: (bool(active), registered) for token, active, registered in cur.execute(
+            "SELECT token, active, registered_at_ms FROM devices WHERE token = ANY(%s)",
+            (tokens,))}
+    for request in batch:
+        if request.decide is not None:
+            token, decide = request.decide
+            request.decided = decide(*state.get(token, (False, None)))
+            request.events = [] if request.decided is None else [_encode(request.decided)]
+        for event in request.events:
+            token = event.data.get("token")
+            if token is None:
+                continue
+            if event.type == ev.DEVICE_REGISTERED:
+                state[token] = (True, projection.time_ms(event.data["at"]))
+            elif event.type == ev.DEVICE_UNREGISTERED:
+                state[token] = (False, state.get(token, (False, None))[1])
+
+
 def _encode(event: Event) -> _Encoded:
     """Checked and encoded in the appender's thread: canonical bytes around the position."""
     codec.check_event(event)
@@ -168,6 +205,21 @@ def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -
             conn.commit()
             appended += len(batch)
     return appended
+
+
+def append_first(dsn: str, event: Event) -> bool:
+    """Append `event` as the log's first event if the log is empty; True if it did. The
+    head lock decides, so of processes starting together exactly one writes it."""
+    encoded = [_encode(event)]
+    with connect(dsn, application_name="relay-create-log") as conn:
+        with conn.cursor() as cur:
+            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+            assert row is not None, "log_head has exactly one row"
+            if row[0] != 0:
+                return False
+            _copy_events(cur, encoded, row[0], row[1])
+        conn.commit()
+    return True
 
 
 class Journal:
@@ -228,6 +280,21 @@ class Journal:
                 future.set_exception(JournalStopped("the Journal is not running"))
                 return future
             self._queue.append(_Request(encoded, future, time.monotonic()))
+            self._cond.notify()
+        return future
+
+    def append_decided(self, token: str, decide: Decide) -> Future[Event | None]:
+        """Queue an event about `token` that `decide` chooses from the token's
+        registration (active, registered_at_ms) as it is at the moment of the append,
+        after every event committed or queued before it; resolves with the event
+        written (None: nothing written) after COMMIT. While the registration cannot be
+        read nothing is written: the batch is retried as any other."""
+        future: Future[Event | None] = Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                future.set_exception(JournalStopped("the Journal is not running"))
+                return future
+            self._queue.append(_Request([], future, time.monotonic(), (token, decide)))
             self._cond.notify()
         return future
 
@@ -345,7 +412,12 @@ class Journal:
                     conn.rollback()
                     log.info("batch %s had committed before the connection was lost", batch_id)
                     return int(found[0])
+            if any(request.decide is not None for request in batch):
+                _decide(cur, batch)
             events = [event for request in batch for event in request.events]
+            if not events:  # every decision was: nothing to write
+                conn.rollback()
+                return head + 1
             first = head + 1
             position, patch = _copy_events(cur, events, head, previous)
             patch.copy(cur)
@@ -390,7 +462,10 @@ class Journal:
         for request in batch:
             count = len(request.events)
             metrics.APPEND_LATENCY.observe(now - request.enqueued)
-            request.future.set_result(list(range(position, position + count)))
+            if request.decide is not None:
+                request.future.set_result(request.decided)
+            else:
+                request.future.set_result(list(range(position, position + count)))
             position += count
 
     @staticmethod

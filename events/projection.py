@@ -13,15 +13,17 @@ Per event type (see schema/002_projections.sql for the columns):
   moves it; a registration revives an unregistered token and clears
   unregistered_at_ms and cause). Delivery state is kept.
 - device_unregistered: inactive, unregistered_at_ms = event time, cause.
-- unregister_skipped, relay_halted: no state change.
+- unregister_skipped, relay_halted, log_created: no device change.
 - notification_delivered / _failed / _abandoned: the token's delivery state becomes
   (run, attempts, next_attempt_at_ms, apns_id, final) of this event: delivered and
   abandoned are final; a failure is final 'dead' when its verdict is dead_token,
   otherwise it leaves next_attempt_at_ms (None when no retry follows). Run counters:
-  delivered/abandoned +1, failed +1 per failed attempt, unregistered +1 per
-  dead-token failure.
-- run_started: the run's started_at_ms and tokens. run_finished: finished_at_ms and
-  the counts the event carries (they replace the running counts).
+  delivered/abandoned +1, failed +1 per failed attempt, dead +1 per dead-token failure.
+- device_unregistered / unregister_skipped with a run: that run's unregistered / kept +1.
+- run_started: the run's started_at_ms and tokens. run_finished (upcast to its current
+  shape, events/types.py): finished_at_ms, and the tokens, delivered, failed, abandoned
+  and dead the event carries replace the running counts. unregistered and kept are
+  always counted from the events (a v1 run_finished never recorded them).
 A token event for a token never registered still creates its row (inactive), so
 the tables reflect every token the log mentions.
 """
@@ -55,11 +57,11 @@ DEVICE_COLUMNS = ("active", "registered_at_ms", "unregistered_at_ms", "cause",
                   "run", "attempts", "next_attempt_at_ms", "apns_id", "final")
 
 # A run row after `run`: (started_at_ms, finished_at_ms, tokens, delivered, failed,
-# abandoned, unregistered)
-RunRow = tuple["int | None", "int | None", int, int, int, int, int]
-NEW_RUN: RunRow = (None, None, 0, 0, 0, 0, 0)
+# abandoned, dead, unregistered, kept)
+RunRow = tuple["int | None", "int | None", int, int, int, int, int, int, int]
+NEW_RUN: RunRow = (None, None, 0, 0, 0, 0, 0, 0, 0)
 RUN_COLUMNS = ("started_at_ms", "finished_at_ms", "tokens", "delivered", "failed",
-               "abandoned", "unregistered")
+               "abandoned", "dead", "unregistered", "kept")
 
 _minute_cache: dict[str, int] = {}
 
@@ -94,14 +96,17 @@ class _Keep:
 
 KEEP: Any = _Keep()
 _KEEP_DEVICE: DeviceRow = (KEEP, KEEP, KEEP, KEEP, KEEP, KEEP, KEEP, KEEP, KEEP)
-_KEEP_RUN: RunRow = (KEEP, KEEP, KEEP, 0, 0, 0, 0)
+_KEEP_RUN: RunRow = (KEEP, KEEP, KEEP, 0, 0, 0, 0, 0, 0)
 # A device row's two parts, as State keeps them apart, and their values when unset:
 # registration (active, registered_at_ms, unregistered_at_ms, cause) and delivery
 # (run, attempts, next_attempt_at_ms, apns_id, final).
 _UNSET_PARTS: dict[bool, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     False: (NEW_DEVICE[:4], NEW_DEVICE[4:]), True: (_KEEP_DEVICE[:4], _KEEP_DEVICE[4:])}
 # Positions in a run's counters (RunRow's order).
-_STARTED, _FINISHED, _TOKENS, _DELIVERED, _FAILED, _ABANDONED, _UNREGISTERED = range(7)
+(_STARTED, _FINISHED, _TOKENS, _DELIVERED, _FAILED, _ABANDONED, _DEAD, _UNREGISTERED,
+ _KEPT) = range(9)
+# Counts a run_finished replaces ([_DELIVERED:_COUNTED]); the rest are always counted.
+_COUNTED = _UNREGISTERED
 
 
 class State:
@@ -117,16 +122,19 @@ class State:
     the slice does not decide is a KEEP marker (a part it never touches, the
     registered_at_ms an unregistration keeps), and run counts start at 0. Run counts
     are increments unless the slice holds the run's run_finished (`finished_runs`),
-    after which they are absolute. `merge` lays such a patch over the state before it.
+    after which those it replaces are absolute. `merge` lays such a patch over the state before it.
     """
 
-    __slots__ = ("_patch", "_runs", "deliveries", "finished_runs", "registrations")
+    __slots__ = ("_patch", "_runs", "deliveries", "finished_runs", "registrations", "run_apns")
 
     def __init__(self, *, patch: bool = False) -> None:
         self.registrations: dict[str, tuple[Any, ...]] = {}
         self.deliveries: dict[str, tuple[Any, ...]] = {}
         self._runs: dict[int, list[Any]] = {}
         self.finished_runs: set[int] = set()
+        # Where each run sent (run_started's "apns"; None when not recorded): for the
+        # audit's report, not a cache table.
+        self.run_apns: dict[int, Any] = {}
         self._patch = patch
 
     @property
@@ -166,14 +174,16 @@ class State:
         for number, run in patch._runs.items():
             base_run = self._runs.get(number) or list(NEW_RUN)
             heads = [b if r is KEEP else r for r, b in zip(run[:3], base_run[:3], strict=True)]
-            counts = (run[3:] if number in patch.finished_runs
-                      else [b + r for r, b in zip(run[3:], base_run[3:], strict=True)])
-            self._runs[number] = heads + counts
+            counted = [b + r for r, b in zip(run[3:], base_run[3:], strict=True)]
+            if number in patch.finished_runs:
+                counted[:_COUNTED - 3] = run[3:_COUNTED]
+            self._runs[number] = heads + counted
         self.finished_runs |= patch.finished_runs
+        self.run_apns.update(patch.run_apns)
 
     def apply(self, type_: str, data: Mapping[str, Any]) -> None:
         rule = _RULES.get(type_)
-        if rule is not None:  # unregister_skipped, relay_halted: no state change
+        if rule is not None:  # relay_halted, log_created: no state change
             rule(self, data)
 
     def _counts(self, number: int) -> list[Any]:
@@ -193,6 +203,12 @@ class State:
         old = self.registrations.get(token)
         registered = old[1] if old is not None else (KEEP if self._patch else None)
         self.registrations[token] = (False, registered, time_ms(data["at"]), data["cause"])
+        if (number := data["run"]) is not None:
+            self._counts(number)[_UNREGISTERED] += 1
+
+    def _on_skipped(self, data: Mapping[str, Any]) -> None:
+        if (number := data["run"]) is not None:
+            self._counts(number)[_KEPT] += 1
 
     def _on_delivered(self, data: Mapping[str, Any]) -> None:
         number = data["run"]
@@ -205,7 +221,7 @@ class State:
         counts = self._counts(number)
         counts[_FAILED] += 1
         if data["verdict"] == VERDICT_DEAD_TOKEN:
-            counts[_UNREGISTERED] += 1
+            counts[_DEAD] += 1
             next_at, final = None, FINAL_DEAD
         else:
             next_at, final = _optional_time(data["next_attempt_at"]), None
@@ -221,18 +237,21 @@ class State:
     def _on_run_started(self, data: Mapping[str, Any]) -> None:
         counts = self._counts(data["run"])
         counts[_STARTED], counts[_TOKENS] = time_ms(data["at"]), data["tokens"]
+        self.run_apns[data["run"]] = data.get("apns")
 
     def _on_run_finished(self, data: Mapping[str, Any]) -> None:
+        data = ev.upcast_run_finished(data)
         number = data["run"]
         self.finished_runs.add(number)
-        self._counts(number)[_FINISHED:] = (
+        self._counts(number)[_FINISHED:_COUNTED] = (
             time_ms(data["at"]), data["tokens"], data["delivered"], data["failed"],
-            data["abandoned"], data["unregistered"])
+            data["abandoned"], data["dead"])
 
 
 _RULES = {
     ev.DEVICE_REGISTERED: State._on_registered,
     ev.DEVICE_UNREGISTERED: State._on_unregistered,
+    ev.UNREGISTER_SKIPPED: State._on_skipped,
     ev.NOTIFICATION_DELIVERED: State._on_delivered,
     ev.NOTIFICATION_FAILED: State._on_failed,
     ev.NOTIFICATION_ABANDONED: State._on_abandoned,
@@ -270,11 +289,12 @@ _MERGE_PATCH = (
     f" VALUES (p.token, {', '.join('p.' + c for c in DEVICE_COLUMNS)})"
 )
 _RUN_ARRAYS = ("SELECT * FROM unnest(%b::int8[], %b::int8[], %b::int8[], %b::int4[], %b::int4[],"
-               " %b::int4[], %b::int4[], %b::int4[])")
+               " %b::int4[], %b::int4[], %b::int4[], %b::int4[], %b::int4[])")
 # `State.merge` for runs, in SQL, so a batch writes its runs without reading them first.
 # A patch's started_at_ms / finished_at_ms are NULL when the batch has no run_started /
 # run_finished (their values are never NULL), and tokens is decided by either event;
-# counts are increments, or absolute once the batch holds the run_finished.
+# counts are increments, or (but for unregistered and kept, always counted) absolute once
+# the batch holds the run_finished.
 _MERGE_RUN_PATCH = (
     f"INSERT INTO runs AS r (run, {', '.join(RUN_COLUMNS)}) {_RUN_ARRAYS}"
     " ON CONFLICT (run) DO UPDATE SET"
@@ -283,7 +303,8 @@ _MERGE_RUN_PATCH = (
     " tokens = CASE WHEN EXCLUDED.started_at_ms IS NULL AND EXCLUDED.finished_at_ms IS NULL"
     " THEN r.tokens ELSE EXCLUDED.tokens END, "
     + ", ".join(f"{c} = CASE WHEN EXCLUDED.finished_at_ms IS NULL THEN r.{c} + EXCLUDED.{c}"
-                f" ELSE EXCLUDED.{c} END" for c in RUN_COLUMNS[3:])
+                f" ELSE EXCLUDED.{c} END" for c in RUN_COLUMNS[3:_COUNTED])
+    + "".join(f", {c} = r.{c} + EXCLUDED.{c}" for c in RUN_COLUMNS[_COUNTED:])
 )
 _UPSERT_RUNS = (
     f"INSERT INTO runs (run, {', '.join(RUN_COLUMNS)}) {_RUN_ARRAYS}"

@@ -36,7 +36,9 @@ class RunRecord:
     delivered: int
     failed: int
     abandoned: int
+    dead: int
     unregistered: int
+    kept: int
 
 
 class LogReader:
@@ -78,7 +80,8 @@ class LogReader:
     def unfinished_run(self) -> RunRecord | None:
         """The last run with a run_started and no run_finished (to resume after a restart)."""
         rows = self._query(
-            "SELECT run, started_at_ms, tokens, delivered, failed, abandoned, unregistered"
+            "SELECT run, started_at_ms, tokens, delivered, failed, abandoned, dead,"
+            " unregistered, kept"
             " FROM runs WHERE started_at_ms IS NOT NULL AND finished_at_ms IS NULL"
             " ORDER BY run DESC LIMIT 1")
         return RunRecord(*rows[0]) if rows else None

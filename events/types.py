@@ -24,11 +24,25 @@ NOTIFICATION_DELIVERED = "notification_delivered"
 NOTIFICATION_FAILED = "notification_failed"
 NOTIFICATION_ABANDONED = "notification_abandoned"
 RELAY_HALTED = "relay_halted"
+LOG_CREATED = "log_created"
 
 EVENT_TYPES = frozenset({
     DEVICE_REGISTERED, DEVICE_UNREGISTERED, UNREGISTER_SKIPPED, RUN_STARTED, RUN_FINISHED,
     NOTIFICATION_DELIVERED, NOTIFICATION_FAILED, NOTIFICATION_ABANDONED, RELAY_HALTED,
+    LOG_CREATED,
 })
+
+# EVENT VERSIONS (upcasting). An event's shape never changes in the log; a new shape
+# gets a version number in the field "v" (absent means version 1), and readers turn
+# older shapes into the current one where they read them:
+# - run_finished v1 carried one count, "unregistered", which counted the run's
+#   dead-token verdicts. v2 carries "dead" (verdicts), "unregistered" (the run's
+#   device_unregistered events) and "kept" (its unregister_skipped events). A v1
+#   event is read as dead = its "unregistered"; the fold counts the other two from
+#   the run's events (events/projection.py), as it does for v2.
+# run_started gained an optional field, "apns" (the environment and endpoint the run
+# sent to; environment "simulator" for the built-in simulator): absent means unknown.
+RUN_FINISHED_VERSION = 2
 
 # Why a device was unregistered: by its own request through the API, or by an APNs verdict.
 CAUSE_API = "api"
@@ -87,16 +101,41 @@ def unregister_skipped(token: str, at_ms: int, cause: str, *, verdict_at_ms: int
     })
 
 
-def run_started(run: int, at_ms: int, tokens: int) -> Event:
-    return Event(RUN_STARTED, {"run": run, "at": iso_ms(at_ms), "tokens": tokens})
+def run_started(run: int, at_ms: int, tokens: int, *,
+                apns: Mapping[str, str | None] | None = None) -> Event:
+    """`apns`: {"environment", "endpoint"} the run sends to; environment "simulator"
+    marks a run against the built-in simulator (nothing reached Apple)."""
+    return Event(RUN_STARTED, {"run": run, "at": iso_ms(at_ms), "tokens": tokens,
+                               "apns": None if apns is None else dict(apns)})
 
 
 def run_finished(run: int, at_ms: int, *, tokens: int, delivered: int, failed: int,
-                 abandoned: int, unregistered: int) -> Event:
+                 abandoned: int, dead: int, unregistered: int, kept: int) -> Event:
+    """`dead`: dead-token verdicts; of those, `unregistered` were unregistered and
+    `kept` kept because the device registered again after APNs' verdict."""
     return Event(RUN_FINISHED, {
         "run": run, "at": iso_ms(at_ms), "tokens": tokens, "delivered": delivered,
-        "failed": failed, "abandoned": abandoned, "unregistered": unregistered,
+        "failed": failed, "abandoned": abandoned, "dead": dead,
+        "unregistered": unregistered, "kept": kept, "v": RUN_FINISHED_VERSION,
     })
+
+
+def upcast_run_finished(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A run_finished of any version in the current shape; a v1 event's "unregistered"
+    (dead-token verdicts) becomes "dead", and its "unregistered" and "kept" are None
+    (not recorded: counted from the run's events by whoever folds them)."""
+    if data.get("v", 1) >= RUN_FINISHED_VERSION:
+        return data
+    upcast = dict(data)
+    upcast.update(dead=data["unregistered"], unregistered=None, kept=None,
+                  v=RUN_FINISHED_VERSION)
+    return upcast
+
+
+def log_created(at_ms: int, genesis: bytes) -> Event:
+    """The first event of a log: 32 random bytes that make its chain, and so every
+    checkpoint of it, its own (events/checkpoint.py)."""
+    return Event(LOG_CREATED, {"at": iso_ms(at_ms), "genesis": genesis.hex()})
 
 
 def notification_delivered(run: int, token: str, at_ms: int, *, attempt: int, apns_id: str,

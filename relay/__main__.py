@@ -2,7 +2,8 @@
 
 Exit statuses (`check` has its own, relay/check.py): 0 done (also after SIGTERM/SIGINT
 drained a run); 1 the audit found a mismatch, a runtime failure, or crashes came faster
-than the supervisor may restart them; 2 bad configuration or usage; 3 the database could not be
+than the supervisor may restart them; 2 bad configuration or usage, or a runtime role that
+could rewrite the log although database.owner_dsn is set; 3 the database could not be
 reached (for 30 s at start) or was lost during a command, so nothing was checked;
 9 APNs reported a relay bug or a configuration error (a `relay_halted` event says
 which and why).
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("check", help="check the configuration, the database and the APNs "
                         "credentials without notifying anyone (see `check --help`)",
                         add_help=False)
+    commands.add_parser("checkpoint", help="print one signed checkpoint of the event log "
+                        "(JSON), to keep outside the database")
     commands.add_parser("simulator", help="run the APNs simulator (see `simulator --help`)",
                         add_help=False)
     return parser

@@ -303,8 +303,10 @@ class _Api:
     """The request handlers; all run on the API's event loop thread."""
 
     def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource,
-                 openapi: bytes, served: dict[str, Any]) -> None:
+                 openapi: bytes, served: dict[str, Any],
+                 checkpoint: Callable[[], dict[str, Any] | None]) -> None:
         self._registry, self._health, self._served = registry, health, served
+        self._checkpoint = checkpoint
         self._http = config.http
         self._openapi = openapi
         self._limiter = RateLimiter(self._http.rate_limit, self._http.rate_burst)
@@ -317,6 +319,7 @@ class _Api:
         app.router.add_get("/config", self.config, allow_head=False)
         app.router.add_get("/health", self.health, allow_head=False)
         app.router.add_get("/openapi.json", self.openapi, allow_head=False)
+        app.router.add_get("/log/checkpoint", self.log_checkpoint, allow_head=False)
         if self._http.metrics_listen is None:
             app.router.add_get("/metrics", self.metrics, allow_head=False)
         return app
@@ -450,6 +453,14 @@ class _Api:
     async def config(self, request: web.Request) -> web.Response:
         return web.json_response(self._served)
 
+    async def log_checkpoint(self, request: web.Request) -> web.Response:
+        latest = self._checkpoint()
+        if latest is None:
+            return error_response(503, "no_checkpoint", "no checkpoint yet: the relay "
+                                  "signs one after every wakeup run",
+                                  headers={hdrs.RETRY_AFTER: str(RETRY_AFTER_UNAVAILABLE)})
+        return web.json_response(latest)
+
     async def health(self, request: web.Request) -> web.Response:
         database, worker = self._health.database_available(), self._health.worker_alive()
         if database and worker:
@@ -513,15 +524,17 @@ class ApiServer:
     """The API's listeners on a thread of their own, so no actor ever waits on a socket."""
 
     def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource, *,
-                 apns: ApnsConfig | None = None, simulated: bool = False) -> None:
+                 apns: ApnsConfig | None = None, simulated: bool = False,
+                 checkpoint: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """`apns`: the APNs settings in use, when not `config.apns` (the built-in simulator's,
-        then `simulated`): what `GET /config` reports."""
+        then `simulated`): what `GET /config` reports. `checkpoint`: the latest signed
+        checkpoint of the log, for `GET /log/checkpoint`."""
         self._config = config
         served = apns or config.apns
         self._api = _Api(config, registry, health, openapi_document(), {
             "name": NAME, "version": __version__, "topic": served.topic,
             "environment": "simulator" if simulated else served.environment,
-            "endpoint": served.url})
+            "endpoint": served.url}, checkpoint or (lambda: None))
         self.bound_address: tuple[str, int] = config.http.listen
         self.metrics_address: tuple[str, int] | None = None
         self._thread: threading.Thread | None = None

@@ -3,7 +3,7 @@
 Three checks, each one line (ok, or the problem and how to fix it):
 - configuration: the file parses and holds together (relay/config.py);
 - database: reachable, every migration applied, and the runtime role unable to rewrite
-  the log (`log_rights_problems`);
+  the log (relay/privilege.py);
 - APNs: one request for `PROBE_TOKEN`, a well-formed token of no device. Apple answers
   `400 BadDeviceToken` only after accepting the provider token (or client certificate),
   the topic and the environment, so that answer proves them; every configuration
@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from relay import privilege
 from relay.apns.client import ApnsClient, ApnsResult
 from relay.apns.reasons import Verdict
 from relay.config import ApnsConfig, Config, ConfigError, load_config
@@ -73,43 +74,17 @@ class CheckResult:
 # --- the database ----------------------------------------------------------------------
 
 
-def log_rights_problems(conn: psycopg.Connection[Any]) -> list[str]:
-    """What the connected role could do to rewrite the log: ALTER or DROP it (ownership, or
-    membership in the owner's role, which SET ROLE turns into ownership),
-    UPDATE, DELETE or TRUNCATE it, or disable its triggers (ownership or superuser). An
-    empty list means the role can only append and read, as the relay's runtime role should.
-    """
-    row = conn.execute(
-        "SELECT r.rolsuper, pg_has_role(current_user, c.relowner, 'MEMBER'),"
-        " has_table_privilege(c.oid, 'UPDATE'), has_table_privilege(c.oid, 'DELETE'),"
-        " has_table_privilege(c.oid, 'TRUNCATE'), current_user"
-        " FROM pg_class c, pg_roles r"
-        " WHERE c.oid = 'events'::regclass AND r.rolname = current_user").fetchone()
-    assert row is not None
-    superuser, owner, update, delete, truncate, role = row
-    problems = []
-    if superuser:
-        problems.append(f"role {role} is a superuser: it can disable the log's triggers "
-                        "and rewrite anything")
-    elif owner:
-        problems.append(f"role {role} owns the events table (or may SET ROLE to its owner): "
-                        "it can ALTER or DROP it and disable its triggers")
-    granted = [name for name, has in (("UPDATE", update), ("DELETE", delete),
-                                      ("TRUNCATE", truncate)) if has]
-    if granted and not superuser:
-        problems.append(f"role {role} holds {', '.join(granted)} on events")
-    return problems
-
-
 @contextmanager
 def _database_dsn(config: Config) -> Iterator[tuple[str, bool]]:
-    """(DSN, embedded?): the configured server, else the embedded one started for the check."""
+    """(runtime DSN, embedded?): the configured server, else the embedded one started for
+    the check, as the runtime role the relay runs as there."""
     if config.database.dsn is not None:
         yield config.database.dsn, False
         return
     embedded = EmbeddedPostgres(config.database.data_dir)
     try:
-        yield embedded.start(), True
+        _, runtime = embedded.relay_roles(embedded.start())
+        yield runtime, True
     finally:
         embedded.stop()
 
@@ -143,17 +118,14 @@ def _check_connected(conn: psycopg.Connection[Any], embedded: bool) -> CheckResu
         return CheckResult("database", False, f"the database has migrations this version "
                            f"does not know: {', '.join(unknown)}",
                            "run the relay version that applied them, or a newer one")
-    if embedded:
-        return CheckResult("database", True, "embedded PostgreSQL reachable and migrated; "
-                           "its cluster belongs to this account alone, so role rights add "
-                           "no protection there")
-    problems = log_rights_problems(conn)
+    problems = privilege.rewrite_rights_of(conn)
     if problems:
         return CheckResult("database", False, "reachable and migrated, but " +
                            "; ".join(problems),
                            "run the relay as a role that may only SELECT and INSERT on "
                            "events (migrations with the owner's role)")
-    return CheckResult("database", True, "reachable, migrated; the runtime role can only "
+    where = "embedded PostgreSQL" if embedded else "reachable"
+    return CheckResult("database", True, f"{where}, migrated; the runtime role can only "
                        "append to the log")
 
 

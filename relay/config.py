@@ -76,6 +76,7 @@ def _default_data_dir() -> Path:
 class DatabaseConfig:
     dsn: str | None = None
     data_dir: Path = field(default_factory=_default_data_dir)
+    owner_dsn: str | None = None  # migrations run with it; `dsn` then owns nothing
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,12 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    signing_key: Path | None = None  # default: signing_key.pem in database.data_dir
+    checkpoint_dir: Path | None = None  # default: checkpoints/ in database.data_dir
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     format: str = "text"
@@ -154,8 +161,17 @@ class Config:
     apns: ApnsConfig = field(default_factory=ApnsConfig)
     wakeup: WakeupConfig = field(default_factory=WakeupConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<embedded defaults>"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.audit.signing_key or self.database.data_dir / "signing_key.pem"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.audit.checkpoint_dir or self.database.data_dir / "checkpoints"
 
 
 # --- value parsers -----------------------------------------------------------------
@@ -241,7 +257,7 @@ def _key_id(value: object) -> str:
 
 
 _PARSERS: dict[str, dict[str, Parser]] = {
-    "database": {"dsn": _optional(_text), "data_dir": _path},
+    "database": {"dsn": _optional(_text), "data_dir": _path, "owner_dsn": _optional(_text)},
     "http": {
         "listen": parse_listen,
         "metrics_listen": _optional(parse_listen),
@@ -281,6 +297,7 @@ _PARSERS: dict[str, dict[str, Parser]] = {
         "progress_interval": _duration_at_least(0.1),
     },
     "registry": {"clock_skew": _duration_at_least(0)},
+    "audit": {"signing_key": _optional(_path), "checkpoint_dir": _optional(_path)},
     "logging": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
                 "format": _choice("text", "json")},
 }
@@ -291,6 +308,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "apns": ApnsConfig,
     "wakeup": WakeupConfig,
     "registry": RegistryConfig,
+    "audit": AuditConfig,
     "logging": LoggingConfig,
 }
 

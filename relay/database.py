@@ -5,6 +5,14 @@ from the `pgserver` wheel when it is installed (the `embedded` extra), else from
 the machine's PostgreSQL server binaries. Several relay processes on one data
 dir share one server: each holds a shared lock on the directory while it runs,
 and the last one out stops the server.
+
+The private server is private: it listens on no TCP port, only on a Unix socket in
+its data directory (mode 0700, socket 0700), so no other OS user can connect. Started
+as root, it runs as a dedicated account (`apns-relay`, created when missing; never a
+shared one such as `nobody`) with no supplementary groups, and the lock files the
+relay opens as root refuse symlinks, so that account cannot redirect them. In it the
+log belongs to an owner role that only migrations use; the relay runs as a runtime
+role that cannot rewrite the log (relay/privilege.py).
 """
 
 from __future__ import annotations
@@ -61,8 +69,11 @@ class RetryPauses:
 # apply each file exactly once instead of racing on CREATE TABLE.
 MIGRATION_LOCK_KEY = 0x61706E73  # "apns"
 EMBEDDED_DATABASE = "relay"
-# PostgreSQL refuses to run as root; these are the unprivileged accounts we try, in order.
-UNPRIVILEGED_USERS = ("postgres", "nobody")
+# PostgreSQL refuses to run as root; started as root, the server runs as this account.
+SERVER_ACCOUNT = "apns-relay"
+# The embedded database's roles: the owner of the log (migrations), and the relay's.
+OWNER_ROLE = "apns_relay_owner"
+RUNTIME_ROLE = "apns_relay"
 START_TIMEOUT = 60.0
 
 
@@ -172,23 +183,36 @@ def _server_binaries(account: pwd.struct_passwd | None) -> Path | None:
 
 
 def _unprivileged_account() -> pwd.struct_passwd | None:
-    """None when we are not root; else the account the server runs as."""
+    """None when we are not root; else the dedicated account the server runs as
+    (created as a system account without a login shell when missing)."""
     if os.geteuid() != 0:
         return None
-    for name in UNPRIVILEGED_USERS:
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            continue
-    raise DatabaseError(
-        "running as root, and PostgreSQL refuses to run as root: create an unprivileged "
-        f"user (one of {', '.join(UNPRIVILEGED_USERS)}) or set database.dsn"
-    )
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(SERVER_ACCOUNT)
+    useradd = shutil.which("useradd")
+    if useradd is not None:
+        subprocess.run([useradd, "--system", "--no-create-home", "--user-group",
+                        "--shell", "/usr/sbin/nologin", SERVER_ACCOUNT],
+                       capture_output=True, check=False)
+    try:
+        return pwd.getpwnam(SERVER_ACCOUNT)
+    except KeyError:
+        raise DatabaseError(
+            "running as root, and PostgreSQL refuses to run as root: create the system "
+            f"account {SERVER_ACCOUNT!r} (useradd --system {SERVER_ACCOUNT}) or set "
+            "database.dsn") from None
+
+
+def _open_lock(path: Path) -> IO[str]:
+    """A lock file opened without following a symlink (the data directory belongs to
+    the server's account, which must not point root at another file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "a")
 
 
 @contextmanager
 def _locked(path: Path, mode: int) -> Iterator[IO[str]]:
-    handle = path.open("a")
+    handle = _open_lock(path)
     try:
         fcntl.flock(handle, mode)
         yield handle
@@ -247,9 +271,10 @@ class EmbeddedPostgres:
                 self._run(account, [
                     str(bindir / "pg_ctl"), "-D", str(self.pgdata), "-w",
                     "-t", str(int(START_TIMEOUT)), "-l", str(self.data_dir / "postgres.log"),
-                    "-o", f"-c listen_addresses='' -k {self.pgdata} -c fsync=on", "start",
+                    "-o", f"-c listen_addresses='' -k {self.pgdata} -c fsync=on"
+                          " -c unix_socket_permissions=0700", "start",
                 ])
-            self._users_handle = self._users_lock.open("a")
+            self._users_handle = _open_lock(self._users_lock)
             fcntl.flock(self._users_handle, fcntl.LOCK_SH)
         return f"postgresql://postgres@/postgres?host={self.pgdata}"
 
@@ -262,6 +287,7 @@ class EmbeddedPostgres:
              check: bool = True) -> subprocess.CompletedProcess[str]:
         def demote() -> None:
             if account is not None:
+                os.setgroups([])  # root's supplementary groups must not follow
                 os.setgid(account.pw_gid)
                 os.setuid(account.pw_uid)
 
@@ -286,6 +312,35 @@ class EmbeddedPostgres:
                     conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
         return with_dbname(server_dsn, EMBEDDED_DATABASE)
 
+    @staticmethod
+    def relay_roles(superuser_dsn: str) -> tuple[str, str]:
+        """(owner DSN, runtime DSN) of the relay's database on the private server: the
+        owner role owns the database and everything in it (also a log created before
+        the roles existed), the runtime role owns nothing."""
+        with connect(superuser_dsn, autocommit=True) as conn:
+            for role in (OWNER_ROLE, RUNTIME_ROLE):
+                if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                                    (role,)).fetchone():
+                    with contextlib.suppress(psycopg.errors.DuplicateObject):
+                        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute(f'ALTER DATABASE "{EMBEDDED_DATABASE}" OWNER TO "{OWNER_ROLE}"')
+            owned = conn.execute(
+                "SELECT 'TABLE', c.relname FROM pg_class c JOIN pg_namespace n"
+                "   ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'public' AND c.relkind = 'r'"
+                "   AND pg_get_userbyid(c.relowner) <> %s"
+                " UNION ALL SELECT 'FUNCTION', p.proname || '()' FROM pg_proc p"
+                "   JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) <> %s",
+                (OWNER_ROLE, OWNER_ROLE)).fetchall()
+            for kind, name in owned:
+                conn.execute(f'ALTER {kind} {name} OWNER TO "{OWNER_ROLE}"')
+        params = psycopg.conninfo.conninfo_to_dict(superuser_dsn)
+        return tuple(  # type: ignore[return-value]
+            psycopg.conninfo.make_conninfo(**{**{k: str(v) for k, v in params.items()},
+                                              "user": role})
+            for role in (OWNER_ROLE, RUNTIME_ROLE))
+
     def stop(self) -> None:
         """Release our claim; the last process out stops the server."""
         if self._users_handle is None:
@@ -293,7 +348,7 @@ class EmbeddedPostgres:
         with _locked(self._setup_lock, fcntl.LOCK_EX):
             self._users_handle.close()
             self._users_handle = None
-            with self._users_lock.open("a") as probe:
+            with _open_lock(self._users_lock) as probe:
                 try:
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

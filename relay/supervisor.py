@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -32,17 +33,18 @@ import psycopg
 
 from actors import ProgressLogger, RegistryHandle, RunResult, WakeupRunner
 from actors.dispatcher import Progress, ProgressCallback
+from events import checkpoint
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
 from events.store import LogReader
-from relay import environment, metrics
+from relay import environment, metrics, privilege
 from relay.apns.processes import NotificationClient, open_client
 from relay.config import ApnsConfig, Config
 from relay.database import DatabaseError, RetryPauses, connect
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_HALTED = 0, 1, 3, 9
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_HALTED = 0, 1, 2, 3, 9
 JOURNAL_STOP_TIMEOUT = 30.0
 RUN_LOCK_KEY = 0x72756E73  # "runs"
 # How often a process waiting for another's run lock asks again (and notices a stop).
@@ -124,7 +126,9 @@ def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
                 client.start()
                 try:
                     runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client,
-                                          registry=registry)
+                                          registry=registry,
+                                          apns_target=environment.apns_target(
+                                              config, apns_config))
                     freeze_startup_heap()
                     yield Parts(journal, registry, client, runner, apns_config)
                 finally:
@@ -347,6 +351,39 @@ def _exit_at_deadline(drain_timeout: float) -> None:
     os._exit(EXIT_OK)
 
 
+def print_checkpoint(config: Config, dsn: str) -> int:
+    """`python -m relay checkpoint`: one signed checkpoint of the log's head, as JSON."""
+    key = checkpoint.load_or_create_key(config.signing_key)
+    with connect(dsn, application_name="relay-checkpoint") as conn:
+        print(json.dumps(checkpoint.take(conn, key)))
+    return EXIT_OK
+
+
+class Checkpoints:
+    """The supervisor's checkpoints: one after every run, written to
+    `audit.checkpoint_dir` and kept for `GET /log/checkpoint`. A failure to take one is
+    logged, never fatal: the next run takes another."""
+
+    def __init__(self, config: Config, dsn: str) -> None:
+        self._dsn, self._directory = dsn, config.checkpoint_dir
+        self._key = checkpoint.load_or_create_key(config.signing_key)
+        self._latest: dict[str, Any] | None = None
+
+    def latest(self) -> dict[str, Any] | None:
+        return self._latest
+
+    def take(self) -> None:
+        try:
+            with connect(self._dsn, application_name="relay-checkpoint") as conn:
+                taken = checkpoint.take(conn, self._key)
+            path = checkpoint.write(self._directory, taken)
+        except (psycopg.Error, OSError, checkpoint.CheckpointError) as exc:
+            log.warning("no checkpoint after this run: %s", exc)
+            return
+        self._latest = taken
+        log.info("checkpoint of position %d written to %s", taken["position"], path)
+
+
 class Supervisor:
     """Serves the API, runs a wakeup at start and then every `wakeup.interval`, restarts crashes.
 
@@ -366,6 +403,7 @@ class Supervisor:
         metrics.WAKEUP_INTERVAL.set(config.wakeup.interval)
         metrics.BREAKER_PAUSE.set(config.wakeup.breaker_pause)
         metrics.LAST_RUN_FINISHED.set_to_current_time()  # an overdue run counts from here
+        self.checkpoints = Checkpoints(config, dsn)
 
     def database_available(self) -> bool:
         """False also while the Journal's writer is down: the log cannot be written."""
@@ -408,6 +446,8 @@ class Supervisor:
                 log.warning("resuming the wakeup run in %.1fs", pause)
                 self.stopping.wait(pause)
                 continue
+            if result is not None:
+                self.checkpoints.take()
             if result is not None and result.halted is not None:
                 self.exit_status = _exit_status(result)
                 self.stop()
@@ -436,8 +476,10 @@ class Supervisor:
         """Serve until stopped, halted or escalated; returns the exit status."""
         from relay.api import ApiServer
 
+        self.checkpoints.take()  # served from the start, renewed after every run
         api = ApiServer(self.config, self.parts.registry, self, apns=self.parts.apns,
-                        simulated=not self.config.apns.credentials_given)
+                        simulated=not self.config.apns.credentials_given,
+                        checkpoint=self.checkpoints.latest)
         api.start()  # it logs the addresses it listens on
         try:
             self._worker.start()
@@ -451,20 +493,33 @@ class Supervisor:
 def run_command(command: str, config: Config, rest: list[str]) -> int:
     """Run a CLI command against the configured (or embedded) database."""
     try:
-        with environment.database(config) as dsn:
+        with environment.database_access(config) as access:
+            dsn = access.dsn
+            if command == "audit":
+                return audit_main(dsn, rest, signing_key=config.signing_key,
+                                  warnings=access.warnings, interval=config.wakeup.interval)
+            if command == "rebuild":
+                return rebuild_main(dsn, rest)
+            if checkpoint.create_log(dsn):
+                log.info("created the event log (its first event, log_created, holds "
+                         "its genesis value)")
             if command == "migrate":
                 log.info("migrations applied")
                 return EXIT_OK
-            if command == "audit":
-                return audit_main(dsn, rest, interval=config.wakeup.interval)
-            if command == "rebuild":
-                return rebuild_main(dsn, rest)
+            if command == "checkpoint":
+                return print_checkpoint(config, dsn)
             if command == "wakeup":
                 return wakeup_once(config, dsn)
             with running_parts(config, dsn) as parts:
                 supervisor = Supervisor(config, dsn, parts)
                 _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
                 return supervisor.run()
+    except privilege.PrivilegeError as exc:
+        log.critical("%s", exc)
+        return EXIT_USAGE
+    except checkpoint.CheckpointError as exc:
+        log.critical("%s", exc)
+        return EXIT_USAGE
     except DatabaseError as exc:
         log.critical("%s", exc)
         return EXIT_UNAVAILABLE

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import conninfo
 
 from actors.registry import RegistryHandle
+from events import checkpoint
 from events.journal import Journal
 from events.store import LogReader
 from relay.api import ApiServer
@@ -30,7 +32,11 @@ class Stack:
                                max_delay=SEQUENTIAL_MAX_DELAY)
         self.journal.start()
         self.registry = RegistryHandle.start(self.journal, LogReader(dsn), config.registry)
-        self.server = ApiServer(config, self.registry, self)
+        # As the supervisor does at start: a log with its genesis, and a signed checkpoint.
+        checkpoint.create_log(dsn)
+        with psycopg.connect(dsn) as conn:
+            taken = checkpoint.take(conn, Ed25519PrivateKey.generate())
+        self.server = ApiServer(config, self.registry, self, checkpoint=lambda: taken)
         self.server.start()
         self.base_url = "http://{}:{}".format(*self.server.bound_address)
         self.history: list[tuple[str, str]] = []

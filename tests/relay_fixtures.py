@@ -50,7 +50,7 @@ def write_config(directory: Path, dsn: str, apns: ApnsConfig, port: int,
     settings = {"interval": 3600, "backoff_base": 0.05, "backoff_max": 0.2,
                 "progress_interval": 0.2, **wakeup}
     raw = {
-        "database": {"dsn": dsn},
+        "database": {"dsn": dsn, "data_dir": str(directory)},
         "http": {"listen": f"127.0.0.1:{port}", "request_timeout": 1},
         "apns": {"endpoint": apns.endpoint, "ca_file": str(apns.ca_file), "topic": apns.topic,
                  "key_file": str(apns.key_file), "key_id": apns.key_id,

@@ -20,6 +20,9 @@ T0 = 1_700_000_000_000  # 2023-11-14T22:13:20.000Z
 A, B, C = "aa" * 32, "bb" * 32, "cc" * 32
 
 
+SIMULATED = {"environment": "simulator", "endpoint": "https://127.0.0.1:8443"}
+
+
 def the_log() -> list[ev.Event]:
     return [
         ev.device_registered(A, T0), ev.device_registered(B, T0 + 1),
@@ -40,8 +43,8 @@ def the_log() -> list[ev.Event]:
         ev.notification_delivered(1, B, T0 + 60_001, attempt=2, apns_id="b2", status=200,
                                   latency_ms=10.0),
         ev.run_finished(1, T0 + 60_002, tokens=3, delivered=2, failed=2, abandoned=0,
-                        unregistered=1),
-        ev.run_started(2, T0 + 3_600_000, 2),
+                        dead=1, unregistered=1, kept=0),
+        ev.run_started(2, T0 + 3_600_000, 2, apns=SIMULATED),
     ]
 
 
@@ -72,9 +75,11 @@ def test_summary(log: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert report["devices"] == {"active": 2, "unregistered": 1}
     assert report["runs"] == [
         {"run": 1, "started_at": ev.iso_ms(T0 + 1000), "finished_at": ev.iso_ms(T0 + 60_002),
-         "tokens": 3, "delivered": 2, "failed": 2, "abandoned": 0, "unregistered": 1},
+         "tokens": 3, "delivered": 2, "failed": 2, "abandoned": 0, "dead": 1,
+         "unregistered": 1, "kept": 0, "apns": None, "simulated": False},
         {"run": 2, "started_at": ev.iso_ms(T0 + 3_600_000), "finished_at": None,
-         "tokens": 2, "delivered": 0, "failed": 0, "abandoned": 0, "unregistered": 0},
+         "tokens": 2, "delivered": 0, "failed": 0, "abandoned": 0, "dead": 0,
+         "unregistered": 0, "kept": 0, "apns": SIMULATED, "simulated": True},
     ]
     assert "verified" not in report
 
@@ -147,6 +152,7 @@ def test_text_output_is_readable(log: str, capsys: pytest.CaptureFixture[str]) -
     assert "events        11" in out
     assert "2 active, 1 unregistered" in out
     assert "run 1:" in out and "verified      yes" in out
+    assert "SIMULATED (built-in APNs simulator at https://127.0.0.1:8443)" in out
     assert audit_main(log, ["--token", A]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"token {A}: active, 2 events")
@@ -189,4 +195,5 @@ def test_bodies_beyond_what_orjson_reads_verify(dsn: str,
     finally:
         journal.stop(5)
     status, report = audit_json(dsn, capsys, "--verify")
+    assert report["problems"] == []
     assert (status, report["verified"], report["events"]) == (0, True, 2)

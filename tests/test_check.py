@@ -17,8 +17,9 @@ from apns_fixtures import SimulatorFactory
 from psycopg import conninfo
 from relay_fixtures import free_port
 
-from relay.check import PROBE_TOKEN, CheckResult, log_rights_problems, run_checks
+from relay.check import PROBE_TOKEN, CheckResult, run_checks
 from relay.config import ApnsConfig
+from relay.privilege import RUNTIME_GRANTS, rewrite_rights_of
 from relay.simulator import ScriptedOutcome
 from relay.simulator.cli import spawn
 from relay.simulator.credentials import random_apple_id, write_signing_key
@@ -32,7 +33,8 @@ def runtime_dsn(dsn: str) -> Iterator[str]:
     name = f"relay_runtime_{conninfo.conninfo_to_dict(dsn)['dbname']}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'CREATE ROLE "{name}" LOGIN')
-        conn.execute(f'GRANT SELECT, INSERT ON events, schema_migrations TO "{name}"')
+        for statement in RUNTIME_GRANTS:
+            conn.execute(statement.format(role=f'"{name}"'))
     try:
         yield conninfo.make_conninfo(dsn, user=name)
     finally:
@@ -135,18 +137,17 @@ def test_a_superuser_runtime_role_is_a_problem(
 def test_rights_that_could_rewrite_the_log_are_each_named(runtime_dsn: str, dsn: str) -> None:
     role = conninfo.conninfo_to_dict(runtime_dsn)["user"]
     with psycopg.connect(runtime_dsn) as conn:
-        assert log_rights_problems(conn) == []
+        assert rewrite_rights_of(conn) == []
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f'GRANT UPDATE, TRUNCATE ON events TO "{role}"')
     with psycopg.connect(runtime_dsn) as conn:
-        assert log_rights_problems(conn) == [f"role {role} holds UPDATE, TRUNCATE on events"]
+        assert rewrite_rights_of(conn) == [f"role {role} may UPDATE, TRUNCATE events"]
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f'REVOKE UPDATE, TRUNCATE ON events FROM "{role}"')
         admin.execute(f'ALTER TABLE events OWNER TO "{role}"')
-    owns = (f"role {role} owns the events table (or may SET ROLE to its owner): it can ALTER "
-            "or DROP it and disable its triggers")
+    owns = f"role {role} owns events (ALTER, DROP, disable its triggers)"
     with psycopg.connect(runtime_dsn) as conn:
-        assert log_rights_problems(conn)[0] == owns
+        assert rewrite_rights_of(conn)[0] == owns
     owner = f"{role}_owner"  # a member of the owner's role can SET ROLE to it
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f'CREATE ROLE "{owner}" NOLOGIN')
@@ -154,7 +155,7 @@ def test_rights_that_could_rewrite_the_log_are_each_named(runtime_dsn: str, dsn:
         admin.execute(f'GRANT "{owner}" TO "{role}"')
     try:
         with psycopg.connect(runtime_dsn) as conn:
-            assert log_rights_problems(conn)[0] == owns
+            assert rewrite_rights_of(conn)[0] == owns
     finally:
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute('ALTER TABLE events OWNER TO CURRENT_USER')

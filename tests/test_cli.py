@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,13 +40,25 @@ def _wait_first_run(dsn: str) -> None:
     raise AssertionError("the supervisor's first run never finished")
 
 
+def _checkpoint_served(url: str) -> dict[str, object]:
+    """GET /log/checkpoint once the supervisor has signed one (503 until then)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/log/checkpoint", timeout=10) as answer:
+                return dict(json.load(answer))
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503 and time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 def test_register_then_wakeup_delivers_exactly_once(
         dsn: str, tmp_path: Path, processes: list[RelayProcess]) -> None:
     """On the embedded defaults for APNs: the relay's own simulator, and it says so."""
     port = free_port()
     config = tmp_path / "relay.yaml"
-    config.write_text(f"database:\n  dsn: '{dsn}'\nhttp:\n  listen: 127.0.0.1:{port}\n"
-                      "wakeup:\n  interval: 1h\n")
+    config.write_text(f"database:\n  dsn: '{dsn}'\n  data_dir: '{tmp_path}'\n"
+                      f"http:\n  listen: 127.0.0.1:{port}\nwakeup:\n  interval: 1h\n")
     url = f"http://127.0.0.1:{port}"
     supervisor = start_relay(processes, config, name="supervisor")
     wait_healthy(url, supervisor)
@@ -55,6 +68,10 @@ def test_register_then_wakeup_delivers_exactly_once(
         served = json.load(answer)
     assert served["environment"] == "simulator"
     assert served["endpoint"].startswith("https://127.0.0.1:")
+    # The first run is over: its signed checkpoint is served and kept in the data dir.
+    served_checkpoint = _checkpoint_served(url)
+    kept = tmp_path / "checkpoints" / f"checkpoint-{served_checkpoint['position']:012d}.json"
+    assert json.loads(kept.read_text()) == served_checkpoint
     wakeup = subprocess.run([sys.executable, "-m", "relay", "-c", str(config), "wakeup"],
                             capture_output=True, text=True, timeout=120)
     assert wakeup.returncode == 0, wakeup.stderr
@@ -71,6 +88,12 @@ def test_register_then_wakeup_delivers_exactly_once(
     assert delivered == [TOKEN.lower()]
     assert [kind for kind, _ in rows].count("run_started") == 2  # the supervisor's, the wakeup's
     assert [kind for kind, _ in rows].count("run_finished") == 2
+    audit = subprocess.run([sys.executable, "-m", "relay", "-c", str(config), "audit",
+                            "--checkpoint", str(tmp_path / "checkpoints")],
+                           capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "SIMULATED (built-in APNs simulator at https://127.0.0.1:" in audit.stdout
+    assert "every checkpoint given" in audit.stdout
 
 
 def test_audit_help_and_usage_errors_never_reach_the_database(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def events() -> list[ev.Event]:
             + [ev.device_unregistered(tokens[0], T0 + 30, "api"),
                ev.device_registered(tokens[0], T0 + 40),
                ev.run_finished(1, T0 + 50, tokens=4, delivered=4, failed=0, abandoned=0,
-                               unregistered=0)])
+                               dead=0, unregistered=0, kept=0)])
 
 
 @pytest.fixture

@@ -75,14 +75,14 @@ def test_delivery_state_and_run_counts() -> None:
     assert state.devices[A][4:] == (1, 1, T0 + 900, "id-1", None)
     assert state.devices[B][4:] == (1, 1, None, "id-1", "delivered")
     assert state.devices[C][4:] == (1, 1, None, "id-1", "dead")
-    assert state.runs[1] == (T0 + 100, None, 3, 1, 2, 0, 1)
+    assert state.runs[1] == (T0 + 100, None, 3, 1, 2, 0, 1, 0, 0)
     state.apply(ev.NOTIFICATION_ABANDONED, ev.notification_abandoned(
         1, A, T0 + 950, attempts=5, apns_id="id-5", last_reason="Timeout").data)
     assert state.devices[A][4:] == (1, 5, None, "id-5", "abandoned")
     finished = ev.run_finished(1, T0 + 999, tokens=3, delivered=1, failed=2, abandoned=1,
-                               unregistered=1)
+                               dead=1, unregistered=0, kept=0)
     state.apply(finished.type, finished.data)
-    assert state.runs[1] == (T0 + 100, T0 + 999, 3, 1, 2, 1, 1)  # type: ignore[comparison-overlap]
+    assert state.runs[1] == (T0 + 100, T0 + 999, 3, 1, 2, 1, 1, 0, 0)
 
 
 def test_token_events_for_unknown_tokens_create_inactive_rows() -> None:
@@ -112,7 +112,8 @@ def random_log(rng: random.Random, length: int) -> list[ev.Event]:
             events.append(ev.run_started(run, t, rng.randrange(20)))
         elif kind == 4 and run:
             events.append(ev.run_finished(run, t, tokens=5, delivered=rng.randrange(5),
-                                          failed=1, abandoned=0, unregistered=2))
+                                          failed=1, abandoned=0, dead=2, unregistered=1,
+                                          kept=1))
         elif kind == 5 and run:
             events.append(delivered(max(1, run - rng.randrange(2)), token, t,
                                     rng.randrange(1, 4)))
@@ -192,12 +193,12 @@ def test_reader_registration_and_runs(dsn: str, reader: LogReader) -> None:
                  ev.device_registered(B, T0), ev.device_unregistered(B, T0 + 1, "api"),
                  ev.run_started(1, T0 + 10, 1),
                  ev.run_finished(1, T0 + 20, tokens=1, delivered=1, failed=0, abandoned=0,
-                                 unregistered=0),
+                                 dead=0, unregistered=0, kept=0),
                  ev.run_started(2, T0 + 30, 1), delivered(2, A, T0 + 31)])
     assert reader.registration(A) == (True, T0 + 7)
     assert reader.registration(B) == (False, T0)
     assert reader.active_count() == 1
-    assert reader.unfinished_run() == RunRecord(2, T0 + 30, 1, 1, 0, 0, 0)
+    assert reader.unfinished_run() == RunRecord(2, T0 + 30, 1, 1, 0, 0, 0, 0, 0)
     assert reader.next_run_number() == 3
 
 
@@ -242,7 +243,7 @@ def test_the_reader_never_reads_the_log(dsn: str) -> None:
     reader = LogReader(role_dsn)
     try:
         assert reader.registration(A) == (True, T0)
-        assert reader.unfinished_run() == RunRecord(1, T0 + 1, 1, 0, 0, 0, 0)
+        assert reader.unfinished_run() == RunRecord(1, T0 + 1, 1, 0, 0, 0, 0, 0, 0)
         assert reader.next_run_number() == 2
         assert reader.active_count() == 1
         assert [s.token for s in reader.due_tokens(1, "", 10)] == [A]

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import apns_fixtures
@@ -68,13 +69,14 @@ class Running:
 class Supervise:
     """Starts Supervisors over real parts on this test's database and simulator."""
 
-    def __init__(self, dsn: str, simulator: ApnsSimulator, apns: ApnsConfig) -> None:
-        self.dsn, self.simulator, self.apns = dsn, simulator, apns
+    def __init__(self, dsn: str, simulator: ApnsSimulator, apns: ApnsConfig,
+                 data_dir: Path) -> None:
+        self.dsn, self.simulator, self.apns, self.data_dir = dsn, simulator, apns, data_dir
         self._parts = contextlib.ExitStack()
 
     def __call__(self, policy: RestartPolicy = FAST, **wakeup: Any) -> Running:
         settings = {"backoff_base": 0.05, "backoff_max": 0.2, **wakeup}
-        config = Config(database=DatabaseConfig(dsn=self.dsn),
+        config = Config(database=DatabaseConfig(dsn=self.dsn, data_dir=self.data_dir),
                         http=HttpConfig(listen=("127.0.0.1", 0)), apns=self.apns,
                         wakeup=WakeupConfig(**settings))
         parts = self._parts.enter_context(running_parts(config, self.dsn))
@@ -85,9 +87,10 @@ class Supervise:
 
 
 @pytest.fixture
-def supervise(dsn: str, simulator_factory: SimulatorFactory) -> Iterator[Supervise]:
+def supervise(dsn: str, simulator_factory: SimulatorFactory,
+              tmp_path: Path) -> Iterator[Supervise]:
     simulator, apns = simulator_factory()
-    starter = Supervise(dsn, simulator, apns)
+    starter = Supervise(dsn, simulator, apns, tmp_path)
     yield starter
     starter.close()
 

@@ -21,6 +21,7 @@ from actors.dispatcher import Progress
 from actors.registry import RegistryHandle
 from actors.wakeup import ProgressLogger, RunResult, WakeupRunner
 from events import types as ev
+from events.audit import audit_main
 from events.journal import Journal
 from events.store import LogReader
 from relay.apns import ApnsClient
@@ -182,7 +183,8 @@ def test_a_bad_device_token_is_unregistered_and_the_others_delivered(relay: Rela
     result = relay.runner().run_once()
 
     assert result.finished and result.halted is None
-    assert (result.delivered, result.unregistered, result.failed) == (99, 1, 1)
+    assert (result.delivered, result.dead, result.unregistered, result.kept,
+            result.failed) == (99, 1, 1, 0, 1)
     reader = LogReader(relay.dsn)
     assert reader.registration(bad)[0] is False
     assert all(reader.registration(t)[0] for t in tokens if t != bad)
@@ -192,6 +194,37 @@ def test_a_bad_device_token_is_unregistered_and_the_others_delivered(relay: Rela
     assert unregistered[0]["token"] == bad and unregistered[0]["cause"] == "BadDeviceToken"
     assert relay.requests_per_token()[bad] == 1, "a dead token is never retried"
     assert events[-1][1] == ev.RUN_FINISHED and events[-1][2]["unregistered"] == 1
+
+
+def test_five_dead_one_kept_counts_four_unregistered(relay: Relay,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Apple's verdict on one token predates its registration: the device came back, so
+    it is kept, and every report says 5 dead, 4 unregistered, 1 kept."""
+    tokens = [token(i) for i in range(1, 21)]
+    relay.register(tokens)
+    for dead in tokens[:4]:
+        relay.simulator.script(dead, [ScriptedOutcome(400, "BadDeviceToken")])
+    relay.simulator.script(tokens[4], [ScriptedOutcome(
+        410, "Unregistered", timestamp_ms=ev.now_ms() - 3_600_000)])
+    result = relay.runner().run_once()
+
+    assert (result.dead, result.unregistered, result.kept) == (5, 4, 1)
+    finished = relay.events()[-1]
+    assert finished[1] == ev.RUN_FINISHED
+    assert {k: finished[2][k] for k in ("dead", "unregistered", "kept", "v")} == {
+        "dead": 5, "unregistered": 4, "kept": 1, "v": 2}
+    run = relay.reader.unfinished_run()
+    assert run is None
+    with psycopg.connect(relay.dsn) as conn:
+        assert conn.execute("SELECT dead, unregistered, kept FROM runs").fetchall() == [(5, 4, 1)]
+    capsys.readouterr()
+    assert audit_main(relay.dsn, ["--json", "--verify"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {k: report["runs"][0][k] for k in ("dead", "unregistered", "kept")} == {
+        "dead": 5, "unregistered": 4, "kept": 1}
+    assert report["runs"][0]["apns"] is None  # this runner was not told where it sends
+    assert audit_main(relay.dsn, []) == 0
+    assert "dead 5 (unregistered 4, kept 1)" in capsys.readouterr().out
 
 
 def test_invalid_provider_token_halts_with_a_relay_halted_event(relay: Relay) -> None:
@@ -330,10 +363,12 @@ def test_progress_logger_reports_rate_and_eta(caplog: pytest.LogCaptureFixture) 
     log_progress = ProgressLogger(interval=3600.0)
     log_progress(Progress(run=4, done=10, total=110, sends=12, elapsed=2.0))
     log_progress(Progress(run=4, done=20, total=110, sends=24, elapsed=3.0))  # throttled
-    log_progress(Progress(run=4, done=110, total=110, sends=120, elapsed=9.0))  # the end
+    log_progress(Progress(run=4, done=110, total=110, sends=120, elapsed=9.0, dead=5,
+                          unregistered=4, kept=1))  # the end
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["run 4: 10/110 tokens done, 5.0 tokens/s, ETA 20s",
-                        "run 4: 110/110 tokens done, 12.2 tokens/s, ETA 0s"]
+    assert messages == [
+        "run 4: 10/110 tokens done (dead 0: unregistered 0, kept 0), 5.0 tokens/s, ETA 20s",
+        "run 4: 110/110 tokens done (dead 5: unregistered 4, kept 1), 12.2 tokens/s, ETA 0s"]
 
 
 def test_connections_cut_mid_run_lose_nothing_and_the_run_finishes(
