@@ -89,6 +89,7 @@ class _Outcome:
     decision: Decision
     sent: bool
     status: int | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class TokenDone:
     sent: bool
     status: int | None
     failed_events: int
+    reason: str | None = None  # APNs' reason, or why there was no answer (for the breaker)
 
 
 @dataclass(frozen=True)
@@ -267,16 +269,18 @@ class SenderShard(pykka.ThreadingActor):
 
     def _answered(self, token: str, result: ApnsResult) -> None:
         delivery = self._deliveries[token]
-        self._record(token, delivery.on_answer(result), sent=True, status=result.status)
+        self._record(token, delivery.on_answer(result), sent=True, status=result.status,
+                     reason=result.reason)
 
-    def _record(self, token: str, decision: Decision, *, sent: bool, status: int | None) -> None:
+    def _record(self, token: str, decision: Decision, *, sent: bool, status: int | None,
+                reason: str | None = None) -> None:
         """Persist first: `_act` runs only once the events are committed.
 
         Outcomes decided while answers keep arriving go to the Journal as one append: the
         `_Flush` told to ourselves queues behind the answers already in the inbox, so a
         busy shard batches by itself and an idle one appends at once.
         """
-        self._unrecorded.append(_Outcome(token, decision, sent, status))
+        self._unrecorded.append(_Outcome(token, decision, sent, status, reason))
         if len(self._unrecorded) == 1:
             self.actor_ref.tell(_Flush())
 
@@ -299,7 +303,8 @@ class SenderShard(pykka.ThreadingActor):
     def _act(self, recorded: _Outcome) -> None:
         token, decision = recorded.token, recorded.decision
         failed = sum(1 for e in decision.events if e.type == ev.NOTIFICATION_FAILED)
-        done = TokenDone(token, decision.outcome, recorded.sent, recorded.status, failed)
+        done = TokenDone(token, decision.outcome, recorded.sent, recorded.status, failed,
+                         recorded.reason)
         if decision.outcome is Outcome.RETRY:
             self._park(self._deliveries[token])
             self._report(done)

@@ -1,0 +1,162 @@
+"""Small faults stay small: each test injects one fault (a dropped connection, a reset
+stream, a hostile answer, a lost wake-up) on the real simulator and real PostgreSQL and
+checks that the run goes on without pausing all sending or burning attempts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+
+import apns_fixtures
+import pytest
+from apns_fixtures import SimulatorFactory, running_client
+import test_wakeup
+from test_wakeup import Relay
+
+from actors.alarm import Alarm
+from actors.breaker import BreakerState, CircuitBreaker
+from events import types as ev
+from relay.apns import Verdict
+from relay.apns.client import parse_error_body
+from relay.apns.connection import Http2Connection
+from relay.simulator import ScriptedOutcome
+
+WAIT = 30.0
+
+simulator_factory = apns_fixtures.simulator_factory
+relay = test_wakeup.relay
+
+
+def token(i: int) -> str:
+    return f"{i:064x}"
+
+
+# --- 1. a dropped connection is the transport's fault -----------------------------------
+
+def test_a_connection_dropped_with_streams_in_flight_neither_pauses_nor_costs_attempts(
+        relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    tokens = [token(i) for i in range(1, 1001)]
+    relay.register(tokens)
+    relay.simulator.latency = 0.05  # keeps the window full: dozens of streams in flight
+    dropped: list[int] = []
+
+    def drop_twice() -> None:
+        for seen in (100, 500):
+            assert relay.simulator.wait_for_requests(seen, timeout=WAIT)
+            dropped.append(len(relay.simulator.requests) - seen)
+            relay.simulator.drop_connections()
+
+    dropper = threading.Thread(target=drop_twice, daemon=True)
+    dropper.start()
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    result = relay.runner(max_in_flight=100, breaker_pause=60.0).run_once()
+    took = time.monotonic() - started
+    dropper.join(WAIT)
+    assert len(dropped) == 2
+    assert "lost with" in caplog.text, "no connection was dropped with streams in flight"
+    lost = [int(r.getMessage().split(" lost with ")[1].split()[0]) for r in caplog.records
+            if " lost with " in r.getMessage()]
+    assert max(lost) >= 20, lost
+    assert result.finished and (result.delivered, result.failed) == (1000, 0)
+    assert took < 60.0, "the breaker paused the run"
+    assert "pausing all sends" not in caplog.text
+    failed = [d for _, kind, d in relay.events() if kind == ev.NOTIFICATION_FAILED]
+    assert failed == [], "a lost connection cost a token an attempt"
+
+
+def test_the_breaker_opens_on_apns_answers_across_tokens_not_on_lost_connections() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(60.0, trip_after=3, clock=lambda: now[0])
+    for i in range(50):
+        breaker.record(f"lost{i}", None, "ConnectionLost")
+        breaker.record(f"reset{i}", None, "StreamReset")
+        breaker.record(f"child{i}", None, "ChildProcessLost")
+    assert breaker.state is BreakerState.CLOSED
+    for i in range(3):
+        breaker.record(f"busy{i}", 429, "TooManyRequests")
+    assert breaker.state is BreakerState.OPEN
+    now[0] = 61.0
+    assert breaker.admit("probe")
+    breaker.record("probe", None, "ConnectionLost")  # no verdict: another probe may go
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.admit("probe2")
+    breaker.record("probe2", None, "Timeout")  # no connection at all: trouble
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_a_burst_of_503_across_tokens_still_trips_the_breaker(
+        relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    tokens = [token(i) for i in range(1, 41)]
+    relay.register(tokens)
+    relay.simulator.burst([ScriptedOutcome(503, "ServiceUnavailable")] * 20)
+    caplog.set_level(logging.INFO, logger="actors.dispatcher")
+    result = relay.runner(breaker_pause=0.3, attempts=3, max_in_flight=5).run_once()
+    assert result.finished and result.delivered == 40
+    assert "pausing all sends" in caplog.text
+
+
+# --- 2. every wake-up fires ---------------------------------------------------------------
+
+def test_the_alarm_fires_for_every_deadline_not_only_the_earliest() -> None:
+    fired: list[float] = []
+    done = threading.Event()
+
+    def fire() -> None:
+        fired.append(time.monotonic())
+        if len(fired) == 2:
+            done.set()
+
+    alarm = Alarm(fire, "test-alarm")
+    alarm.start()
+    try:
+        start = time.monotonic()
+        alarm.at(start + 0.05)  # the breaker's resume, say
+        alarm.at(start + 0.3)  # a database retry due later: it used to be forgotten
+        alarm.at(start + 0.3)  # asked again: still one wake-up
+        assert done.wait(WAIT)
+        assert fired[0] - start >= 0.05 and fired[1] - start >= 0.3
+        assert alarm.pending == 0
+    finally:
+        alarm.stop()
+
+
+# --- hostile answers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", ["1e400", "Infinity", "-Infinity", "NaN", "1e300",
+                                 "99999999999999999999999", "-5"])
+def test_a_410_timestamp_that_is_no_time_is_absent_and_logged(
+        raw: str, caplog: pytest.LogCaptureFixture) -> None:
+    body = ('{"reason": "Unregistered", "timestamp": %s}' % raw).encode()
+    with caplog.at_level(logging.WARNING, logger="relay.apns"):
+        assert parse_error_body(body) == ("Unregistered", None)
+    assert "not a time" in caplog.text
+
+
+def test_a_hostile_410_timestamp_on_the_wire_keeps_the_connection_up(
+        simulator_factory: SimulatorFactory) -> None:
+    simulator, config = simulator_factory()
+    hostile = [1e400, float("nan"), 10.0**30]
+    for n, value in enumerate(hostile, start=1):
+        simulator.script(token(n), [ScriptedOutcome(410, "Unregistered", value)])  # type: ignore[arg-type]
+    with running_client(config) as client:
+        results = [client.send(token(n), f"00000000-0000-4000-8000-{n:012x}").result(WAIT)
+                   for n in range(1, len(hostile) + 2)]
+    assert [(r.status, r.verdict, r.timestamp_ms) for r in results[:-1]] == [
+        (410, Verdict.DEAD_TOKEN, None)] * len(hostile)
+    assert results[-1].status == 200
+    assert simulator.connections_opened == 1
+
+
+def test_a_connection_at_the_end_of_its_stream_ids_is_replaced_with_nothing_failed(
+        simulator_factory: SimulatorFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    simulator, config = simulator_factory(latency=0.01)
+    monkeypatch.setattr(Http2Connection, "last_stream_id", 41)  # 20 streams per connection
+    with running_client(config) as client:
+        futures = [client.send(token(n), f"00000000-0000-4000-8000-{n:012x}")
+                   for n in range(1, 201)]
+        results = [f.result(WAIT) for f in futures]
+    assert Counter(r.status for r in results) == {200: 200}
+    assert simulator.connections_opened >= 10
+    assert max(r.stream_id for r in simulator.requests) <= 41
