@@ -11,8 +11,8 @@ from collections import Counter
 
 import apns_fixtures
 import pytest
-from apns_fixtures import SimulatorFactory, running_client
 import test_wakeup
+from apns_fixtures import SimulatorFactory, running_client
 from test_wakeup import Relay
 
 from actors.alarm import Alarm
@@ -128,7 +128,7 @@ def test_the_alarm_fires_for_every_deadline_not_only_the_earliest() -> None:
                                  "99999999999999999999999", "-5"])
 def test_a_410_timestamp_that_is_no_time_is_absent_and_logged(
         raw: str, caplog: pytest.LogCaptureFixture) -> None:
-    body = ('{"reason": "Unregistered", "timestamp": %s}' % raw).encode()
+    body = b'{"reason": "Unregistered", "timestamp": ' + raw.encode() + b"}"
     with caplog.at_level(logging.WARNING, logger="relay.apns"):
         assert parse_error_body(body) == ("Unregistered", None)
     assert "not a time" in caplog.text
