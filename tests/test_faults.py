@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 
 import apns_fixtures
 import pytest
@@ -15,8 +16,11 @@ import test_wakeup
 from apns_fixtures import SimulatorFactory, running_client
 from test_wakeup import Relay
 
+from actors import registry as registry_module
 from actors.alarm import Alarm
 from actors.breaker import BreakerState, CircuitBreaker
+from actors.delivery import DeadVerdict
+from actors.replies import ActorDied, ReplyBook
 from events import types as ev
 from relay.apns import Verdict
 from relay.apns.client import parse_error_body
@@ -160,3 +164,48 @@ def test_a_connection_at_the_end_of_its_stream_ids_is_replaced_with_nothing_fail
     assert Counter(r.status for r in results) == {200: 200}
     assert simulator.connections_opened >= 10
     assert max(r.stream_id for r in simulator.requests) <= 41
+
+
+# --- 4. a crashed actor's replies are failed, and the run goes on -----------------------
+
+def test_a_registry_crash_mid_run_fails_its_replies_and_the_run_finishes(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = [token(i) for i in range(1, 201)]
+    dead = tokens[10:20]
+    relay.register(tokens)
+    for t in dead:
+        relay.simulator.script(t, [ScriptedOutcome(410, "Unregistered")])
+    crashed = threading.Event()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        crashed.set()
+        raise RuntimeError("injected: the registry crashes on a dead token")
+
+    monkeypatch.setattr(registry_module, "decide_dead_token", crash)
+    outcome = test_wakeup._run_in_thread(relay.runner(max_in_flight=20))
+    result = outcome.result(WAIT)  # stalled forever when the crash swallowed the replies
+    assert crashed.is_set() and not relay.registry.alive()
+    assert result.finished and result.delivered == len(tokens) - len(dead)
+    assert result.unregistered == len(dead)
+    # Replies owed by the dead actor were failed, not forgotten; a restart serves again.
+    failed = relay.registry.dead_token(DeadVerdict(dead[0], "Unregistered", 0, None, 1, None))
+    assert isinstance(failed.exception(WAIT), RuntimeError)
+    monkeypatch.undo()
+    relay.registry.restart()
+    relay.registry.register(token(999)).result(WAIT)
+
+
+def test_a_reply_book_fails_what_its_dead_actor_owes_and_everything_after() -> None:
+    book = ReplyBook("the test actor")
+    owed: Future[None] = Future()
+    answered: Future[None] = Future()
+    book.track(owed)
+    book.track(answered)
+    answered.set_result(None)
+    assert book.owed == 1
+    book.close("crashed: boom")
+    late: Future[None] = Future()
+    book.track(late)
+    assert isinstance(owed.exception(0), ActorDied) and "boom" in str(owed.exception(0))
+    assert isinstance(late.exception(0), ActorDied)
+    assert answered.result(0) is None
