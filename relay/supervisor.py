@@ -35,14 +35,15 @@ from actors.dispatcher import Progress, ProgressCallback
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
 from events.store import LogReader
-from relay import environment
+from relay import NAME, environment
+from relay.apns.client import credential_problem
 from relay.apns.processes import NotificationClient, open_client
-from relay.config import ApnsConfig, Config
+from relay.config import ApnsConfig, Config, ConfigError, check_open_files
 from relay.database import DatabaseError, RetryPauses, connect
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_HALTED = 0, 1, 3, 9
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_HALTED = 0, 1, 2, 3, 9
 JOURNAL_STOP_TIMEOUT = 30.0
 RUN_LOCK_KEY = 0x72756E73  # "runs"
 # How often a process waiting for another's run lock asks again (and notices a stop).
@@ -446,6 +447,12 @@ class Supervisor:
 def run_command(command: str, config: Config, rest: list[str]) -> int:
     """Run a CLI command against the configured (or embedded) database."""
     try:
+        if command == "run":
+            check_open_files(config)
+        if command in ("run", "wakeup") and config.apns.credentials_given:
+            problem = credential_problem(config.apns)
+            if problem is not None:
+                raise ConfigError(config.source, *problem)
         with environment.database(config) as dsn:
             if command == "migrate":
                 log.info("migrations applied")
@@ -460,6 +467,9 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
                 supervisor = Supervisor(config, dsn, parts)
                 _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
                 return supervisor.run()
+    except ConfigError as exc:  # found at start: the credentials, the open-file limit
+        print(f"{NAME}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except DatabaseError as exc:
         log.critical("%s", exc)
         return EXIT_UNAVAILABLE

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import re
 import ssl
 import threading
 import time
@@ -35,7 +36,13 @@ from relay.apns.connection import (
     PendingRequest,
     open_connection,
 )
-from relay.apns.jwt import Clock, ProviderToken, shared_provider_token
+from relay.apns.jwt import (
+    Clock,
+    KeyFileError,
+    ProviderToken,
+    load_signing_key,
+    shared_provider_token,
+)
 from relay.apns.reasons import Verdict, classify
 from relay.config import ApnsConfig
 from relay.tokens import redact
@@ -114,6 +121,43 @@ def _timestamp_ms(raw: object) -> int | None:
         return None
     ms = int(value) * 1000 if value < SECONDS_TIMESTAMP_LIMIT else int(value)
     return ms if ms <= LATEST_TIMESTAMP_MS else None
+
+
+# A topic is the app's bundle id, maybe with a suffix such as `.voip` (reference §2).
+_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def credential_problem(config: ApnsConfig) -> tuple[str, str] | None:
+    """(key, what is wrong) with the credentials, topic or TLS files; None when usable.
+
+    Everything `ApnsClient` reads at construction, read once in the parent process at
+    start: with `apns.processes` the clients live in child processes, and a child that
+    cannot even start would only crash, restart and fail every send as transient.
+    """
+    if config.topic is None:
+        return "apns.topic", "required to send notifications"
+    if not _TOPIC.fullmatch(config.topic):
+        return "apns.topic", (f"{config.topic!r} is not a bundle id (letters, digits, "
+                              "'.', '-' and '_')")
+    if config.key_file is not None:
+        try:
+            load_signing_key(config.key_file)
+        except KeyFileError as exc:
+            return "apns.key_file", str(exc)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(config.ca_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return "apns.ca_file", f"{str(config.ca_file)!r} holds no usable CA certificate: {exc}"
+    if config.cert_file is not None:
+        key = str(config.cert_key_file) if config.cert_key_file else None
+        try:
+            context.load_cert_chain(str(config.cert_file), key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return "apns.cert_file", (f"{str(config.cert_file)!r} with its key "
+                                      f"{key!r} is not a usable client certificate: {exc}")
+    return None
 
 
 class _Slot:
