@@ -37,7 +37,7 @@ from events.journal import Journal
 from events.store import LogReader
 from relay import NAME, environment
 from relay.apns.client import credential_problem
-from relay.apns.processes import NotificationClient, open_client
+from relay.apns.processes import ApnsProcessPool, NotificationClient, open_client
 from relay.config import ApnsConfig, Config, ConfigError, check_open_files
 from relay.database import DatabaseError, RetryPauses, connect
 
@@ -292,18 +292,23 @@ class ProgressBar:
 def wakeup_once(config: Config, dsn: str) -> int:
     """`python -m relay wakeup`: one run, retries included; 9 on a halt."""
     with running_parts(config, dsn) as parts:
-        stopping = threading.Event()
-
-        def stop() -> None:
-            stopping.set()
-            parts.runner.request_stop()
-
-        _install_signal_handlers(stop, config.wakeup.drain_timeout)
+        # The supervisor's watch, without its API and its worker: crashed parts are
+        # restarted within the same budget, and too many crashes end the run.
+        supervisor = Supervisor(config, dsn, parts)
+        stopping = supervisor.stopping
+        _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
+        watch = threading.Thread(target=supervisor.watch, name="wakeup-watch", daemon=True)
+        watch.start()
         bar = ProgressBar() if sys.stderr.isatty() else None
         progress: ProgressCallback = bar or ProgressLogger(config.wakeup.progress_interval)
         shown = bar.showing() if bar is not None else contextlib.nullcontext()
         with shown:
             result = drive_run(dsn, parts.runner, stopping, progress)
+        escalated = supervisor.exit_status
+        stopping.set()
+        watch.join()
+        if escalated != EXIT_OK:
+            return escalated
         if result is None:
             log.info("wakeup: stopped before the run started")
             return EXIT_OK
@@ -411,15 +416,20 @@ class Supervisor:
             delay = self.config.wakeup.interval - (time.monotonic() - started)
             self.stopping.wait(max(0.0, delay))
 
-    def _watch(self) -> None:
-        """Restart a crashed Registry or Journal writer with back-off; too many restarts
-        (of either, counted together) escalate."""
-        watched = (("the Registry", self.parts.registry),
-                   ("the Journal's writer", self.parts.journal))
+    def watch(self) -> None:
+        """Restart a crashed Registry, Journal writer or APNs sender process with back-off;
+        too many restarts (of any, counted together) escalate."""
+        watched: list[tuple[str, Any]] = [("the Registry", self.parts.registry),
+                                          ("the Journal's writer", self.parts.journal)]
+        client = self.parts.client
+        if isinstance(client, ApnsProcessPool):
+            watched.append(("an APNs sender process", client))
         while not self.stopping.wait(self.policy.check_every):
             for what, part in watched:
                 if part.alive():
                     continue
+                if part is client:
+                    what = f"{what} ({client.last_exit})"
                 pause = self._restart_pause(what)
                 if pause is None:
                     return
@@ -437,7 +447,7 @@ class Supervisor:
         api.start()  # it logs the addresses it listens on
         try:
             self._worker.start()
-            self._watch()
+            self.watch()
             self._worker.join(self.config.wakeup.drain_timeout + 5)
         finally:
             api.stop()

@@ -4,7 +4,10 @@ checks that the run goes on without pausing all sending or burning attempts."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -12,6 +15,7 @@ from concurrent.futures import Future
 
 import apns_fixtures
 import pytest
+import test_supervisor
 import test_wakeup
 from apns_fixtures import SimulatorFactory, running_client
 from test_wakeup import Relay
@@ -25,7 +29,9 @@ from events import types as ev
 from relay.apns import Verdict
 from relay.apns.client import parse_error_body
 from relay.apns.connection import Http2Connection
+from relay.apns.processes import ApnsProcessPool
 from relay.simulator import ScriptedOutcome
+from relay.supervisor import EXIT_FAILURE
 
 WAIT = 30.0
 
@@ -209,3 +215,34 @@ def test_a_reply_book_fails_what_its_dead_actor_owes_and_everything_after() -> N
     assert isinstance(owed.exception(0), ActorDied) and "boom" in str(owed.exception(0))
     assert isinstance(late.exception(0), ActorDied)
     assert answered.result(0) is None
+
+
+# --- 5. a child process that keeps dying ends the relay ------------------------------------
+
+def test_a_crash_looping_sender_process_ends_the_relay_by_the_restart_budget(
+        dsn: str, simulator_factory: SimulatorFactory,
+        caplog: pytest.LogCaptureFixture) -> None:
+    simulator, apns = simulator_factory()
+    supervise = test_supervisor.Supervise(dsn, simulator, dataclasses.replace(apns, processes=1))
+    try:
+        running = supervise()
+        pool = running.supervisor.parts.client
+        assert isinstance(pool, ApnsProcessPool)
+        kills = 0
+        deadline = time.monotonic() + WAIT
+        while not running.status.done():
+            assert time.monotonic() < deadline, "the crash loop never ended"
+            child = pool._children[0]
+            if child.alive and child.process is not None and child.process.is_alive():
+                os.kill(child.process.pid, signal.SIGKILL)
+                kills += 1
+                while pool.alive() and not running.status.done():
+                    time.sleep(0.01)
+            time.sleep(0.01)
+        assert running.status.result(WAIT) == EXIT_FAILURE
+        assert kills == test_supervisor.FAST.max_restarts + 1
+        [critical] = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+        assert "an APNs sender process" in critical and "exit code -9" in critical
+        assert "exiting so that the service manager restarts the relay" in critical
+    finally:
+        supervise.close()
