@@ -50,6 +50,20 @@ RUN_LOCK_KEY = 0x72756E73  # "runs"
 RUN_LOCK_POLL = 0.5
 # How often the holder checks that its lock's session is still there.
 RUN_LOCK_CHECK = 1.0
+# A check unanswered this long means the holder is cut off from the database: it stops
+# sending as if the lock were lost (a dead TCP path can swallow a query for many minutes).
+RUN_LOCK_SILENCE = 5.0
+# The lock's session, as the server sees it: a holder whose packets stop arriving is
+# probed after 10 s of silence, every 2 s, and dropped (releasing the lock) after 5 probes
+# unanswered or 20 s of unacknowledged data: within ~20 s. That is longer than the holder
+# takes to notice (RUN_LOCK_CHECK + RUN_LOCK_SILENCE), so the holder has stopped sending by
+# the time another process can take the lock. No statement on it may take longer than 5 s.
+RUN_LOCK_SESSION = (("statement_timeout", "5s"), ("tcp_keepalives_idle", "10"),
+                    ("tcp_keepalives_interval", "2"), ("tcp_keepalives_count", "5"),
+                    ("tcp_user_timeout", "20000"))
+# The same from the holder's side (libpq's TCP keepalives), for the connection's own socket.
+RUN_LOCK_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
+                       "keepalives_count": 3}
 # The hard exit after SIGTERM/SIGINT comes this much before `wakeup.drain_timeout` runs out,
 # so that the process is gone within it even counting the exit itself.
 EXIT_MARGIN = 0.1
@@ -161,31 +175,48 @@ def run_lock(dsn: str, stopping: threading.Event,
     finally:
         if watch is not None:
             watch.stop()
-        # A session lost meanwhile (database restart) has released the lock already.
-        with contextlib.suppress(psycopg.Error):
-            conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+        # A session lost meanwhile (database restart) has released the lock already; one
+        # that went silent may never answer again: it is dropped, not asked to unlock.
+        if watch is None or not watch.lost:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
         conn.close()
 
 
 class _RunLockWatch:
-    """Asks the session holding the run lock whether it is still there."""
+    """Asks the session holding the run lock whether it is still there, and gives each
+    answer RUN_LOCK_SILENCE seconds: a session that errs or stays silent is lost."""
 
     def __init__(self, conn: psycopg.Connection[Any], on_lost: Callable[[], None]) -> None:
         self._conn, self._on_lost = conn, on_lost
         self._stopping = threading.Event()
+        self.lost = False
         self._thread = threading.Thread(target=self._watch, name="run-lock-watch", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         while not self._stopping.wait(RUN_LOCK_CHECK):
-            try:
-                self._conn.execute("SELECT 1")
-            except psycopg.Error as exc:
-                log.warning("lost the run lock with its database session (%s): draining "
-                            "the run; it is taken up again once the lock is ours again",
-                            _first_line(exc))
-                self._on_lost()
-                return
+            answered = threading.Event()
+            errors: list[psycopg.Error] = []
+            threading.Thread(target=self._check, args=(answered, errors), name="run-lock-check",
+                             daemon=True).start()
+            if answered.wait(RUN_LOCK_SILENCE) and not errors:
+                continue
+            why = _first_line(errors[0]) if errors else (
+                f"no answer within {RUN_LOCK_SILENCE:.0f}s: cut off from the database")
+            log.warning("lost the run lock with its database session (%s): draining "
+                        "the run; it is taken up again once the lock is ours again", why)
+            self.lost = True
+            self._on_lost()
+            return
+
+    def _check(self, answered: threading.Event, errors: list[psycopg.Error]) -> None:
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            errors.append(exc)
+        finally:
+            answered.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -228,7 +259,10 @@ def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[An
     while not stopping.is_set():
         conn: psycopg.Connection[Any] | None = None
         try:
-            conn = connect(dsn, autocommit=True, application_name="relay-run-lock")
+            conn = connect(dsn, autocommit=True, application_name="relay-run-lock",
+                           **RUN_LOCK_KEEPALIVES)
+            for name, value in RUN_LOCK_SESSION:
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
             while not stopping.is_set():
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
                 if row and row[0]:

@@ -4,20 +4,24 @@ checks that the run goes on without pausing all sending or burning attempts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
+from typing import Any
 
 import apns_fixtures
 import pytest
 import test_supervisor
 import test_wakeup
 from apns_fixtures import SimulatorFactory, running_client
+from psycopg import conninfo
 from test_wakeup import Relay
 
 from actors import registry as registry_module
@@ -31,7 +35,15 @@ from relay.apns.client import parse_error_body
 from relay.apns.connection import Http2Connection
 from relay.apns.processes import ApnsProcessPool
 from relay.simulator import ScriptedOutcome
-from relay.supervisor import EXIT_FAILURE
+from relay.supervisor import (
+    EXIT_FAILURE,
+    RUN_LOCK_CHECK,
+    RUN_LOCK_KEY,
+    RUN_LOCK_SESSION,
+    RUN_LOCK_SILENCE,
+    _take_run_lock,
+    run_lock,
+)
 
 WAIT = 30.0
 
@@ -246,3 +258,64 @@ def test_a_crash_looping_sender_process_ends_the_relay_by_the_restart_budget(
         assert "exiting so that the service manager restarts the relay" in critical
     finally:
         supervise.close()
+
+
+# --- the run lock's holder cut off from the database ---------------------------------------
+
+class FreezableProxy:
+    """TCP in front of PostgreSQL (TCP or Unix socket) that can go silent without closing:
+    what a holder behind a dead network path sees."""
+
+    def __init__(self, dsn: str) -> None:
+        options = conninfo.conninfo_to_dict(dsn)
+        host, port = str(options.get("host") or "localhost"), int(options.get("port") or 5432)
+        self._upstream: tuple[int, Any] = (
+            (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/")
+            else (socket.AF_INET, (host, port)))
+        self.frozen = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.dsn = conninfo.make_conninfo(dsn, host="127.0.0.1",
+                                          port=self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            family, address = self._upstream
+            server = socket.socket(family, socket.SOCK_STREAM)
+            server.connect(address)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.frozen.is_set():
+                    sink.sendall(data)
+
+
+def test_a_run_lock_holder_cut_off_from_the_database_gives_the_run_up_within_its_bound(
+        dsn: str) -> None:
+    proxy = FreezableProxy(dsn)
+    stopping, lost = threading.Event(), threading.Event()
+    left: Future[None] = Future()
+
+    def hold() -> None:
+        with run_lock(proxy.dsn, stopping, on_lost=lost.set) as locked:
+            assert locked
+            lost.wait(WAIT)
+        left.set_result(None)
+
+    held = _take_run_lock(proxy.dsn, threading.Event())
+    assert held is not None
+    shown = [held.execute(f"SHOW {name}").fetchone() for name, _ in RUN_LOCK_SESSION]
+    assert shown[0] == ("5s",), "the lock's statements are bounded"
+    held.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+    held.close()
+
+    threading.Thread(target=hold, daemon=True).start()
+    time.sleep(RUN_LOCK_CHECK * 1.5)
+    assert not lost.is_set()
+    proxy.frozen.set()
+    assert lost.wait(RUN_LOCK_CHECK + RUN_LOCK_SILENCE + 2.0), "the holder never noticed"
+    left.result(WAIT)  # and it leaves the lock without waiting on the silent session
