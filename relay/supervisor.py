@@ -64,6 +64,8 @@ RUN_LOCK_SESSION = (("statement_timeout", "5s"), ("tcp_keepalives_idle", "10"),
 # The same from the holder's side (libpq's TCP keepalives), for the connection's own socket.
 RUN_LOCK_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
                        "keepalives_count": 3}
+# Beside the embedded database: ids of batches whose COMMIT was in doubt at a stop.
+UNSETTLED_BATCHES = "unsettled-batches"
 # The hard exit after SIGTERM/SIGINT comes this much before `wakeup.drain_timeout` runs out,
 # so that the process is gone within it even counting the exit itself.
 EXIT_MARGIN = 0.1
@@ -130,7 +132,7 @@ def freeze_startup_heap() -> None:
 def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
     """Journal, Registry, APNs client and runner, started in order and stopped in reverse."""
     with environment.apns(config) as apns_config:
-        journal = Journal(dsn)
+        journal = Journal(dsn, unsettled=config.database.data_dir / UNSETTLED_BATCHES)
         journal.start()
         try:
             registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)

@@ -14,9 +14,11 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import apns_fixtures
+import psycopg
 import pytest
 import test_supervisor
 import test_wakeup
@@ -30,6 +32,7 @@ from actors.breaker import BreakerState, CircuitBreaker
 from actors.delivery import DeadVerdict
 from actors.replies import ActorDied, ReplyBook
 from events import types as ev
+from events.journal import Journal, JournalStopped
 from relay.apns import Verdict
 from relay.apns.client import parse_error_body
 from relay.apns.connection import Http2Connection
@@ -319,3 +322,67 @@ def test_a_run_lock_holder_cut_off_from_the_database_gives_the_run_up_within_its
     proxy.frozen.set()
     assert lost.wait(RUN_LOCK_CHECK + RUN_LOCK_SILENCE + 2.0), "the holder never noticed"
     left.result(WAIT)  # and it leaves the lock without waiting on the silent session
+
+
+# --- an ambiguous COMMIT at shutdown --------------------------------------------------------
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_commit_in_doubt_at_shutdown_is_fate_unknown_then_settled_at_the_next_start(
+        dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, committed: bool) -> None:
+    unsettled = tmp_path / "unsettled-batches"
+    real_write = Journal._write
+    attempts: list[int] = []
+
+    def lost_answer(self: Journal, batch: Any, batch_id: Any, retrying: bool) -> int:
+        """The COMMIT goes out (and, if `committed`, succeeds); its answer never comes back,
+        and the database stays away until the Journal's stop deadline."""
+        attempts.append(1)
+        if len(attempts) == 1:
+            if committed:
+                real_write(self, batch, batch_id, retrying)
+            self._commit_sent = True
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(Journal, "_write", lost_answer)
+    journal = Journal(dsn, unsettled=unsettled)
+    journal.start()
+    appended = journal.append([ev.device_registered(token(77), ev.now_ms())])
+    while not attempts:
+        time.sleep(0.01)
+    caplog.set_level(logging.WARNING, logger="events.journal")
+    journal.stop(timeout=0.3)
+    error = appended.exception(WAIT)
+    assert isinstance(error, JournalStopped)
+    assert "fate unknown" in str(error) and "settled at the next start" in str(error)
+    assert "not in the log" not in str(error)
+    assert unsettled.exists()
+
+    monkeypatch.undo()
+    caplog.clear()
+    again = Journal(dsn, unsettled=unsettled)
+    again.start()
+    again.stop(timeout=5)
+    settled = [r.getMessage() for r in caplog.records if "whose fate was unknown" in r.getMessage()]
+    assert len(settled) == 1
+    assert ("had committed" if committed else "did not commit") in settled[0]
+    assert not unsettled.exists()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT count(*) FROM events WHERE token = %s", (token(77),)).fetchone()
+    assert rows == ((1,) if committed else (0,))
+
+
+def test_a_batch_that_never_reached_commit_is_said_not_to_be_in_the_log(
+        dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(self: Journal, *args: Any) -> int:
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(Journal, "_write", unreachable)
+    journal = Journal(dsn, unsettled=tmp_path / "unsettled-batches")
+    journal.start()
+    appended = journal.append([ev.device_registered(token(78), ev.now_ms())])
+    time.sleep(0.1)
+    journal.stop(timeout=0.2)
+    error = appended.exception(WAIT)
+    assert isinstance(error, JournalStopped) and "not in the log" in str(error)
+    assert not (tmp_path / "unsettled-batches").exists()
