@@ -326,7 +326,9 @@ class SenderShard(pykka.ThreadingActor):
     def _park(self, delivery: Delivery) -> None:
         due = delivery.next_attempt_at_ms or 0
         heapq.heappush(self._parked, (due, delivery.token))
-        self._alarm.at(time.monotonic() + max(0.0, (due - ev.now_ms()) / 1000))
+        if self._parked[0] == (due, delivery.token):  # else an earlier wake-up covers it:
+            # `_ask_for_due` sets the next one for whatever is then first in the heap
+            self._alarm.at(time.monotonic() + max(0.0, (due - ev.now_ms()) / 1000))
 
     def _ask_for_due(self) -> None:
         now = ev.now_ms()
