@@ -270,6 +270,18 @@ class Journal:
             self._cond.notify()
         return future
 
+    def barrier(self) -> Future[list[int]]:
+        """Resolves once every append queued before it has been committed (or failed):
+        whoever reads the log after it sees all of them that made it."""
+        future: Future[list[int]] = Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                future.set_result([])
+                return future
+            self._queue.append(_Request([], future, time.monotonic()))
+            self._cond.notify()
+        return future
+
     @property
     def database_available(self) -> bool:
         """False while the last attempt to write failed."""
@@ -333,6 +345,9 @@ class Journal:
                 self._cond.wait(remaining)
 
     def _commit(self, batch: list[_Request]) -> None:
+        if not any(request.events for request in batch):  # barriers only: nothing to write
+            self._resolve(batch, 0)
+            return
         batch_id = uuid.uuid4()
         pauses = RetryPauses()
         retrying = in_doubt = False
