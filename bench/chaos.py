@@ -241,7 +241,8 @@ def check(dsn: str, traffic: Traffic, simulator: ApnsSimulator, disruptions: int
         kind == ev.NOTIFICATION_FAILED and d["verdict"] == "dead_token"))
     doubled = [key for key, n in finals.items() if n > 1]
     if doubled:
-        violations.append(f"{len(doubled)} tokens have two final outcomes in a run")
+        violations.append(f"{len(doubled)} tokens have two final outcomes in a run "
+                          f"(e.g. run {doubled[0][0]}, token {doubled[0][1]})")
 
     answered = Counter(d["apns_id"] for kind, d in events
                        if kind in (ev.NOTIFICATION_DELIVERED, ev.NOTIFICATION_FAILED))
@@ -270,6 +271,7 @@ def soak(minutes: float, seed: int) -> int:
     admin = cluster.start()
     simulator, apns = embedded_simulator(TOPIC, latency=0.005, log_requests=False)
     relay: Relay | None = None
+    keep = False
     try:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute('CREATE DATABASE "chaos"')
@@ -310,13 +312,17 @@ def soak(minutes: float, seed: int) -> int:
         for violation in violations:
             print(f"VIOLATION: {violation}")
         print(f"violations: {len(violations)}")
+        keep = bool(violations)
+        if keep:
+            print(f"the relay's logs and the database stay in {workdir}")
         return 0 if not violations else 1
     finally:
         if relay is not None and relay.process is not None and relay.process.poll() is None:
             relay.process.kill()
         simulator.stop()
         cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _free_port() -> int:

@@ -386,3 +386,39 @@ def test_a_batch_that_never_reached_commit_is_said_not_to_be_in_the_log(
     error = appended.exception(WAIT)
     assert isinstance(error, JournalStopped) and "not in the log" in str(error)
     assert not (tmp_path / "unsettled-batches").exists()
+
+
+# --- a take-up after a drain that timed out ------------------------------------------------
+
+def test_a_take_up_waits_for_outcomes_still_in_the_journal_so_no_token_gets_two(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drain that times out (a lost run lock during a database outage, say) leaves
+    outcomes queued in the Journal; the next take-up must not read the log before them."""
+    tokens = [token(i) for i in range(1, 401)]
+    relay.register(tokens)
+    relay.simulator.latency = 0.002
+    stalled, gate = threading.Event(), threading.Event()
+    real_write = Journal._write
+
+    def slow_database(self: Journal, *args: Any) -> int:
+        if stalled.is_set():
+            gate.wait(WAIT)
+        return real_write(self, *args)
+
+    monkeypatch.setattr(Journal, "_write", slow_database)
+    first = relay.runner(max_in_flight=40, drain_timeout=0.0)
+    outcome = test_wakeup._run_in_thread(first)
+    assert relay.simulator.wait_for_requests(100, timeout=WAIT)
+    stalled.set()  # outcomes decided from now on wait in the Journal
+    time.sleep(0.2)
+    first.request_stop()
+    assert not outcome.result(WAIT).drained
+
+    second = test_wakeup._run_in_thread(relay.runner(max_in_flight=40))
+    time.sleep(0.5)
+    assert not second.done(), "took the run up before the Journal had settled"
+    gate.set()
+    resumed = second.result(WAIT)
+    assert resumed.resumed and resumed.finished
+    finals = test_wakeup._finals(relay.events(), resumed.run)
+    assert finals == Counter(tokens), "a token has two final outcomes in the run"
