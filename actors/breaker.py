@@ -1,7 +1,11 @@
 """Circuit breaker: pause all sending while APNs itself is in trouble.
 
-A 5xx (`InternalServerError`, `ServiceUnavailable`, `Shutdown`) or a send with
-no HTTP answer at all (timeout, connection refused or lost) is *trouble*. One
+A 5xx (`InternalServerError`, `ServiceUnavailable`, `Shutdown`), a 429, or a
+send with no HTTP answer because none came in time (APNs unreachable, no
+connection could be made) is *trouble*. The loss of a connection or a stream is
+not: the client sends those requests again on a fresh connection, and a loss
+that still reaches here (a request that kept killing connections) says
+something about that one request, not about APNs. One
 such answer says little: Apple can fail one request among thousands. Many
 *different* tokens failing in a row, with no healthy answer between them, says
 APNs (or our path to it) is down, and retrying token by token would only burn
@@ -35,9 +39,16 @@ class BreakerState(str, Enum):
     HALF_OPEN = "half_open"
 
 
-def is_trouble(status: int | None) -> bool:
+# Reasons of answers-without-status that describe one lost connection (or child process)
+# rather than APNs: the client re-sent them already (relay.apns.client.TRANSPORT_RESENDS).
+TRANSPORT_LOSSES = frozenset({"ConnectionLost", "StreamReset", "ChildProcessLost", "Closed"})
+
+
+def is_trouble(status: int | None, reason: str | None = None) -> bool:
     """An answer that points at APNs (or the path to it) rather than at one token."""
-    return status is None or status >= 500
+    if status is None:
+        return reason not in TRANSPORT_LOSSES
+    return status >= 500 or status == 429
 
 
 class CircuitBreaker:
@@ -79,14 +90,17 @@ class CircuitBreaker:
         if self._probe == token:
             self._probe = None
 
-    def record(self, token: str, status: int | None) -> None:
-        """Feed the HTTP status of one answered send (None: no answer)."""
+    def record(self, token: str, status: int | None, reason: str | None = None) -> None:
+        """Feed the HTTP status of one answered send (None: no answer, `reason` says why)."""
         state = self.state
-        trouble = is_trouble(status)
+        trouble = is_trouble(status, reason)
         if state is BreakerState.OPEN:
             return
         if state is BreakerState.HALF_OPEN:
             if token != self._probe:
+                return
+            if status is None and not trouble:  # the probe's connection was lost: no verdict
+                self._probe = None
                 return
             if trouble:
                 self._open()

@@ -387,7 +387,7 @@ class Dispatcher(pykka.ThreadingActor):
         if done.sent:
             self._sends += 1
             was_open = self._breaker.state is not BreakerState.CLOSED
-            self._breaker.record(done.token, done.status)
+            self._breaker.record(done.token, done.status, done.reason)
             self._breaker_changed(was_open)
         else:
             self._breaker.void_probe(done.token)

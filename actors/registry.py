@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ import psycopg
 import pykka
 
 from actors.delivery import DeadVerdict
+from actors.replies import ReplyBook
 from events import types as ev
 from events.journal import Journal
 from events.store import LogReader
@@ -118,9 +119,10 @@ class _Pending:
 
 class Registry(pykka.ThreadingActor):
     def __init__(self, journal: Journal, reader: LogReader, config: RegistryConfig, *,
-                 stopping: threading.Event, clock_ms: Callable[[], int] = ev.now_ms) -> None:
+                 stopping: threading.Event, replies: ReplyBook,
+                 clock_ms: Callable[[], int] = ev.now_ms) -> None:
         super().__init__()
-        self._journal, self._reader = journal, reader
+        self._journal, self._reader, self._replies = journal, reader, replies
         self._skew_ms = round(config.clock_skew * 1000)
         self._stopping, self._clock_ms = stopping, clock_ms
         self._pending: dict[str, _Pending] = {}
@@ -133,6 +135,15 @@ class Registry(pykka.ThreadingActor):
     def on_stop(self) -> None:
         if self._gauge_timer is not None:
             self._gauge_timer.cancel()
+        self._replies.close("stopped")
+
+    def on_failure(self, exception_type: type[BaseException] | None,
+                   exception_value: BaseException | None, traceback: Any) -> None:
+        """Whoever waits on a reply this actor owes hears of the crash (a Sender shard's
+        credit rides on it) instead of waiting forever."""
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+        self._replies.close(f"crashed: {exception_value!r}")
 
     def _refresh_gauge(self) -> None:
         """Count active devices in the projection: the gauge follows the log, not guesses."""
@@ -151,6 +162,12 @@ class Registry(pykka.ThreadingActor):
             self._gauge_timer.start()
 
     def on_receive(self, message: Any) -> None:
+        self._handle(message)
+        reply = getattr(message, "reply", None)
+        if reply is not None:  # handed to the Journal's commit, or answered
+            self._replies.release(reply)
+
+    def _handle(self, message: Any) -> None:
         if isinstance(message, _Register):
             self._register(message.token, message.reply)
         elif isinstance(message, _Unregister):
@@ -283,6 +300,7 @@ class RegistryHandle:
         self._journal, self._reader, self._config = journal, reader, config
         self._clock_ms = clock_ms
         self._stopping = threading.Event()
+        self._replies = ReplyBook("the registry")
         self._ref: pykka.ActorRef[Registry] | None = None
 
     @classmethod
@@ -298,8 +316,10 @@ class RegistryHandle:
         if self._ref is not None and self._ref.is_alive():
             return
         self._stopping = threading.Event()
+        self._replies = ReplyBook("the registry")
         self._ref = Registry.start(self._journal, self._reader, self._config,
-                                   stopping=self._stopping, clock_ms=self._clock_ms)
+                                   stopping=self._stopping, replies=self._replies,
+                                   clock_ms=self._clock_ms)
 
     def register(self, token: str) -> Future[None]:
         return self._send(lambda reply: _Register(token, reply))
@@ -334,7 +354,9 @@ class RegistryHandle:
         try:
             if ref is None:
                 raise pykka.ActorDeadError("never started")
+            self._replies.track(reply)  # failed if the actor dies before it answers
             ref.tell(build(reply))
         except pykka.ActorDeadError as exc:
-            reply.set_exception(RuntimeError(f"the registry is not running: {exc}"))
+            with contextlib.suppress(InvalidStateError):  # failed by the book already
+                reply.set_exception(RuntimeError(f"the registry is not running: {exc}"))
         return reply

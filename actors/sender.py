@@ -89,6 +89,7 @@ class _Outcome:
     decision: Decision
     sent: bool
     status: int | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class TokenDone:
     status: int | None
     failed_events: int
     dead_decision: str | None = None  # for a dead token: the Registry's event type, if any
+    reason: str | None = None  # APNs' reason, or why there was no answer (for the breaker)
 
 
 @dataclass(frozen=True)
@@ -268,16 +270,18 @@ class SenderShard(pykka.ThreadingActor):
 
     def _answered(self, token: str, result: ApnsResult) -> None:
         delivery = self._deliveries[token]
-        self._record(token, delivery.on_answer(result), sent=True, status=result.status)
+        self._record(token, delivery.on_answer(result), sent=True, status=result.status,
+                     reason=result.reason)
 
-    def _record(self, token: str, decision: Decision, *, sent: bool, status: int | None) -> None:
+    def _record(self, token: str, decision: Decision, *, sent: bool, status: int | None,
+                reason: str | None = None) -> None:
         """Persist first: `_act` runs only once the events are committed.
 
         Outcomes decided while answers keep arriving go to the Journal as one append: the
         `_Flush` told to ourselves queues behind the answers already in the inbox, so a
         busy shard batches by itself and an idle one appends at once.
         """
-        self._unrecorded.append(_Outcome(token, decision, sent, status))
+        self._unrecorded.append(_Outcome(token, decision, sent, status, reason))
         if len(self._unrecorded) == 1:
             self.actor_ref.tell(_Flush())
 
@@ -300,7 +304,8 @@ class SenderShard(pykka.ThreadingActor):
     def _act(self, recorded: _Outcome) -> None:
         token, decision = recorded.token, recorded.decision
         failed = sum(1 for e in decision.events if e.type == ev.NOTIFICATION_FAILED)
-        done = TokenDone(token, decision.outcome, recorded.sent, recorded.status, failed)
+        done = TokenDone(token, decision.outcome, recorded.sent, recorded.status, failed,
+                         recorded.reason)
         if decision.outcome is Outcome.RETRY:
             self._park(self._deliveries[token])
             self._report(done)
@@ -328,7 +333,9 @@ class SenderShard(pykka.ThreadingActor):
     def _park(self, delivery: Delivery) -> None:
         due = delivery.next_attempt_at_ms or 0
         heapq.heappush(self._parked, (due, delivery.token))
-        self._alarm.at(time.monotonic() + max(0.0, (due - ev.now_ms()) / 1000))
+        if self._parked[0] == (due, delivery.token):  # else an earlier wake-up covers it:
+            # `_ask_for_due` sets the next one for whatever is then first in the heap
+            self._alarm.at(time.monotonic() + max(0.0, (due - ev.now_ms()) / 1000))
 
     def _ask_for_due(self) -> None:
         now = ev.now_ms()

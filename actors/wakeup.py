@@ -76,6 +76,14 @@ class WakeupRunner:
         next: the run lock was lost (relay.supervisor.drive_run)."""
         if self._stop.done():
             return RunResult(run=None, finished=False, stopped=True)
+        # Outcomes an earlier take-up appended (one whose drain timed out after a lost run
+        # lock, say) must be in the log before this one reads it, or their tokens would be
+        # sent again and get a second outcome in the run.
+        settled = self._journal.barrier()
+        waiting: list[Future[Any]] = [settled, self._stop]
+        concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+        if not settled.done():
+            return RunResult(run=None, finished=False, stopped=True)
         reader = LogReader(self._dsn)
         done: Future[RunResult] = Future()
         ref = Dispatcher.start(self._config.wakeup, reader=reader, journal=self._journal,

@@ -32,6 +32,13 @@ looks the id up. Holding the head lock means the earlier attempt has finished on
 way or the other (it held that lock until its end), so the lookup is definitive:
 found, the batch is in the log at the recorded positions and is not written again;
 absent, it never committed and is written now. No event is duplicated or lost.
+
+If the Journal must stop (its stop deadline passed) while a batch's COMMIT is in
+doubt, nobody can tell yet whether the batch is in the log. Its appenders hear
+exactly that ("fate unknown"), and the batch id is written to the `unsettled` file;
+the next start looks each id up and says what became of it (the log itself needs
+nothing: a committed batch is in it, an uncommitted one is not, and a resumed run
+sends again whatever has no outcome).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import psycopg
@@ -92,7 +100,8 @@ _TYPE_FIELDS = {type_: codec.copy_text(type_) for type_ in EVENT_TYPES}
 
 
 class JournalStopped(RuntimeError):
-    """The Journal stopped before these events could be committed; they are not in the log."""
+    """The Journal stopped before these events were known to be committed; the message
+    says whether they are not in the log or their fate is settled at the next start."""
 
 
 class JournalError(RuntimeError):
@@ -225,8 +234,11 @@ def append_first(dsn: str, event: Event) -> bool:
 class Journal:
     """The one writer of the event log (see the module docstring for the protocol)."""
 
-    def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.005) -> None:
+    def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.005,
+                 unsettled: Path | None = None) -> None:
         self._dsn = dsn
+        self._unsettled = unsettled  # where batch ids whose COMMIT is in doubt are kept
+        self._commit_sent = False  # the current attempt's COMMIT may have reached the server
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._queue: deque[_Request] = deque()
@@ -241,7 +253,34 @@ class Journal:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the Journal is already started")
+        self._settle()
         self._start_writer()
+
+    def _settle(self) -> None:
+        """Say what became of batches a previous stop left with their fate unknown."""
+        path = self._unsettled
+        if path is None or not path.exists():
+            return
+        try:
+            with connect(self._dsn, application_name="relay-journal") as conn:
+                for line in path.read_text().split():
+                    batch_id, _, count = line.partition(":")
+                    found = conn.execute("SELECT first_position, last_position FROM "
+                                         "journal_batches WHERE batch = %s",
+                                         (batch_id,)).fetchone()
+                    if found is None:
+                        log.warning("batch %s (%s events), whose fate was unknown at the last "
+                                    "stop, did not commit: its events are not in the log",
+                                    batch_id, count)
+                    else:
+                        log.warning("batch %s (%s events), whose fate was unknown at the last "
+                                    "stop, had committed: positions %d to %d", batch_id, count,
+                                    found[0], found[1])
+        except psycopg.Error as exc:
+            log.warning("cannot settle the batches left unknown at the last stop yet (%s); "
+                        "they stay in %s for the next start", exc, path)
+            return
+        path.unlink()
 
     def _start_writer(self) -> None:
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
@@ -295,6 +334,17 @@ class Journal:
                 future.set_exception(JournalStopped("the Journal is not running"))
                 return future
             self._queue.append(_Request([], future, time.monotonic(), (token, decide)))
+        return future
+
+    def barrier(self) -> Future[list[int]]:
+        """Resolves once every append queued before it has been committed (or failed):
+        whoever reads the log after it sees all of them that made it."""
+        future: Future[list[int]] = Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                future.set_result([])
+                return future
+            self._queue.append(_Request([], future, time.monotonic()))
             self._cond.notify()
         return future
 
@@ -361,9 +411,12 @@ class Journal:
                 self._cond.wait(remaining)
 
     def _commit(self, batch: list[_Request]) -> None:
+        if not any(request.events for request in batch):  # barriers only: nothing to write
+            self._resolve(batch, 0)
+            return
         batch_id = uuid.uuid4()
         pauses = RetryPauses()
-        retrying = False
+        retrying = in_doubt = False
         while True:
             try:
                 positions = self._write(batch, batch_id, retrying)
@@ -379,9 +432,9 @@ class Journal:
                 log.warning("event log write failed (%s); retrying in %.2f s",
                             str(exc).strip().splitlines()[0] if str(exc).strip() else
                             type(exc).__name__, delay)
+                in_doubt = in_doubt or self._commit_sent
                 if not self._pause(delay):
-                    self._fail(batch, JournalStopped("the database was unavailable until "
-                                                     "the Journal stopped"))
+                    self._stopped_with(batch, batch_id, in_doubt)
                     return
                 retrying = True
                 continue
@@ -398,6 +451,7 @@ class Journal:
             )
             projection.prepare(self._conn)
         conn = self._conn
+        self._commit_sent = False
         with conn.cursor() as cur:
             row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
             assert row is not None, "log_head has exactly one row (schema/001_event_log.sql)"
@@ -422,6 +476,7 @@ class Journal:
             position, patch = _copy_events(cur, events, head, previous)
             patch.copy(cur)
             # The rest returns nothing: one round trip up to and including COMMIT.
+            self._commit_sent = True
             with conn.pipeline():
                 patch.merge(cur)
                 cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
@@ -432,6 +487,24 @@ class Journal:
                                 " WHERE committed_at < now() - %s::interval", (BATCH_RETENTION,))
                 conn.commit()
         return first
+
+    def _stopped_with(self, batch: list[_Request], batch_id: uuid.UUID, in_doubt: bool) -> None:
+        """The stop deadline passed with `batch` unconfirmed: say what is known of it."""
+        count = sum(len(r.events) for r in batch)
+        if not in_doubt:
+            self._fail(batch, JournalStopped("the database was unavailable until the Journal "
+                                             "stopped: these events are not in the log"))
+            return
+        log.error("batch %s (%d events): fate unknown (its COMMIT was sent and the answer "
+                  "lost); it is settled at the next start", batch_id, count)
+        if self._unsettled is not None:
+            with contextlib.suppress(OSError):
+                self._unsettled.parent.mkdir(parents=True, exist_ok=True)
+                with self._unsettled.open("a") as record:
+                    record.write(f"{batch_id}:{count}\n")
+        self._fail(batch, JournalStopped(
+            f"the Journal stopped with these events' fate unknown (batch {batch_id}: its "
+            "COMMIT was sent, the answer lost); settled at the next start"))
 
     def _pause(self, delay: float) -> bool:
         """Sleep before a retry; False when stop()'s deadline comes first."""

@@ -8,6 +8,7 @@ wrong; `python -m relay` prints it on one line and exits with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from psycopg import ProgrammingError, conninfo
 
 CONFIG_ENV = "RELAY_CONFIG"
 
@@ -44,6 +46,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("expected a duration such as 30, '250ms', '15m' or '1h', got a boolean")
     if isinstance(value, (int, float)):
         seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError(f"a duration must be a finite number, got {value!r}")
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
@@ -197,6 +201,21 @@ def _existing_file(value: object) -> Path:
     return path
 
 
+def _dsn(value: object) -> str:
+    """A libpq connection string or URI that libpq can parse, with a numeric port."""
+    text = _text(value)
+    try:
+        options = conninfo.conninfo_to_dict(text)
+    except ProgrammingError as exc:
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot be parsed"
+        raise ValueError(f"not a PostgreSQL connection string: {problem}") from None
+    for port in str(options.get("port") or "5432").split(","):
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"not a PostgreSQL connection string: port {port!r} is not a "
+                             "number from 1 to 65535")
+    return text
+
+
 def _optional(parser: Parser) -> Parser:
     return lambda value: None if value is None else parser(value)
 
@@ -216,6 +235,8 @@ def _number_at_least(minimum: float) -> Parser:
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
         return float(value)
@@ -257,7 +278,7 @@ def _key_id(value: object) -> str:
 
 
 _PARSERS: dict[str, dict[str, Parser]] = {
-    "database": {"dsn": _optional(_text), "data_dir": _path, "owner_dsn": _optional(_text)},
+    "database": {"dsn": _optional(_dsn), "data_dir": _path, "owner_dsn": _optional(_dsn)},
     "http": {
         "listen": parse_listen,
         "metrics_listen": _optional(parse_listen),
@@ -369,6 +390,36 @@ def _check_consistency(config: Config) -> None:
                           f"must be at least wakeup.backoff_base ({wakeup.backoff_base:g}s)")
 
 
+# Open files the relay needs besides its API's client connections: database connections,
+# APNs connections, pipes to sender processes, log files, the embedded simulator's sockets.
+OPEN_FILES_RESERVE = 128
+
+
+def check_open_files(config: Config, limits: tuple[int, int] | None = None) -> int:
+    """Make room for `http.max_connections` under the open-file limit (RLIMIT_NOFILE).
+
+    Each client connection is an open file, so a limit below what the configuration
+    allows would turn busy moments into `EMFILE` errors on unrelated work (a database
+    reconnect, say). The soft limit is raised up to the hard one when that suffices;
+    otherwise start-up is refused. Returns the soft limit in force.
+    """
+    import resource
+
+    listeners = 1 if config.http.metrics_listen is None else 2
+    needed = config.http.max_connections * listeners + OPEN_FILES_RESERVE
+    soft, hard = limits or resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ConfigError(config.source, "http.max_connections",
+                          f"{config.http.max_connections} connections per listener need about "
+                          f"{needed} open files, but the open-file limit is {hard} "
+                          "(ulimit -n): lower http.max_connections or raise the limit")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if limits is None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        soft = needed
+    return soft
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """The configuration from `path`, else `$RELAY_CONFIG`, else the embedded defaults."""
     if path is None:
@@ -381,10 +432,38 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read the file ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(source, "", str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
     return config_from_mapping(raw, source)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last
+    one silently, so the first (which the operator may be reading) would not apply."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                what = "section" if node is getattr(self, "_root", None) else "key"
+                raise _DuplicateKey(f"duplicate {what} {key!r} at line {line} "
+                                    f"(first given at line {seen[key]})")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)

@@ -37,9 +37,10 @@ from events import checkpoint
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
 from events.store import LogReader
-from relay import environment, metrics, privilege
-from relay.apns.processes import NotificationClient, open_client
-from relay.config import ApnsConfig, Config
+from relay import NAME, environment, metrics, privilege
+from relay.apns.client import credential_problem
+from relay.apns.processes import ApnsProcessPool, NotificationClient, open_client
+from relay.config import ApnsConfig, Config, ConfigError, check_open_files
 from relay.database import DatabaseError, RetryPauses, connect
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,22 @@ RUN_LOCK_KEY = 0x72756E73  # "runs"
 RUN_LOCK_POLL = 0.5
 # How often the holder checks that its lock's session is still there.
 RUN_LOCK_CHECK = 1.0
+# A check unanswered this long means the holder is cut off from the database: it stops
+# sending as if the lock were lost (a dead TCP path can swallow a query for many minutes).
+RUN_LOCK_SILENCE = 5.0
+# The lock's session, as the server sees it: a holder whose packets stop arriving is
+# probed after 10 s of silence, every 2 s, and dropped (releasing the lock) after 5 probes
+# unanswered or 20 s of unacknowledged data: within ~20 s. That is longer than the holder
+# takes to notice (RUN_LOCK_CHECK + RUN_LOCK_SILENCE), so the holder has stopped sending by
+# the time another process can take the lock. No statement on it may take longer than 5 s.
+RUN_LOCK_SESSION = (("statement_timeout", "5s"), ("tcp_keepalives_idle", "10"),
+                    ("tcp_keepalives_interval", "2"), ("tcp_keepalives_count", "5"),
+                    ("tcp_user_timeout", "20000"))
+# The same from the holder's side (libpq's TCP keepalives), for the connection's own socket.
+RUN_LOCK_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
+                       "keepalives_count": 3}
+# Beside the embedded database: ids of batches whose COMMIT was in doubt at a stop.
+UNSETTLED_BATCHES = "unsettled-batches"
 # The hard exit after SIGTERM/SIGINT comes this much before `wakeup.drain_timeout` runs out,
 # so that the process is gone within it even counting the exit itself.
 EXIT_MARGIN = 0.1
@@ -117,7 +134,7 @@ def freeze_startup_heap() -> None:
 def running_parts(config: Config, dsn: str) -> Iterator[Parts]:
     """Journal, Registry, APNs client and runner, started in order and stopped in reverse."""
     with environment.apns(config) as apns_config:
-        journal = Journal(dsn)
+        journal = Journal(dsn, unsettled=config.database.data_dir / UNSETTLED_BATCHES)
         journal.start()
         try:
             registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
@@ -164,31 +181,48 @@ def run_lock(dsn: str, stopping: threading.Event,
     finally:
         if watch is not None:
             watch.stop()
-        # A session lost meanwhile (database restart) has released the lock already.
-        with contextlib.suppress(psycopg.Error):
-            conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+        # A session lost meanwhile (database restart) has released the lock already; one
+        # that went silent may never answer again: it is dropped, not asked to unlock.
+        if watch is None or not watch.lost:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
         conn.close()
 
 
 class _RunLockWatch:
-    """Asks the session holding the run lock whether it is still there."""
+    """Asks the session holding the run lock whether it is still there, and gives each
+    answer RUN_LOCK_SILENCE seconds: a session that errs or stays silent is lost."""
 
     def __init__(self, conn: psycopg.Connection[Any], on_lost: Callable[[], None]) -> None:
         self._conn, self._on_lost = conn, on_lost
         self._stopping = threading.Event()
+        self.lost = False
         self._thread = threading.Thread(target=self._watch, name="run-lock-watch", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         while not self._stopping.wait(RUN_LOCK_CHECK):
-            try:
-                self._conn.execute("SELECT 1")
-            except psycopg.Error as exc:
-                log.warning("lost the run lock with its database session (%s): draining "
-                            "the run; it is taken up again once the lock is ours again",
-                            _first_line(exc))
-                self._on_lost()
-                return
+            answered = threading.Event()
+            errors: list[psycopg.Error] = []
+            threading.Thread(target=self._check, args=(answered, errors), name="run-lock-check",
+                             daemon=True).start()
+            if answered.wait(RUN_LOCK_SILENCE) and not errors:
+                continue
+            why = _first_line(errors[0]) if errors else (
+                f"no answer within {RUN_LOCK_SILENCE:.0f}s: cut off from the database")
+            log.warning("lost the run lock with its database session (%s): draining "
+                        "the run; it is taken up again once the lock is ours again", why)
+            self.lost = True
+            self._on_lost()
+            return
+
+    def _check(self, answered: threading.Event, errors: list[psycopg.Error]) -> None:
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            errors.append(exc)
+        finally:
+            answered.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -231,7 +265,10 @@ def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[An
     while not stopping.is_set():
         conn: psycopg.Connection[Any] | None = None
         try:
-            conn = connect(dsn, autocommit=True, application_name="relay-run-lock")
+            conn = connect(dsn, autocommit=True, application_name="relay-run-lock",
+                           **RUN_LOCK_KEEPALIVES)
+            for name, value in RUN_LOCK_SESSION:
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
             while not stopping.is_set():
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
                 if row and row[0]:
@@ -297,18 +334,23 @@ class ProgressBar:
 def wakeup_once(config: Config, dsn: str) -> int:
     """`python -m relay wakeup`: one run, retries included; 9 on a halt."""
     with running_parts(config, dsn) as parts:
-        stopping = threading.Event()
-
-        def stop() -> None:
-            stopping.set()
-            parts.runner.request_stop()
-
-        _install_signal_handlers(stop, config.wakeup.drain_timeout)
+        # The supervisor's watch, without its API and its worker: crashed parts are
+        # restarted within the same budget, and too many crashes end the run.
+        supervisor = Supervisor(config, dsn, parts)
+        stopping = supervisor.stopping
+        _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
+        watch = threading.Thread(target=supervisor.watch, name="wakeup-watch", daemon=True)
+        watch.start()
         bar = ProgressBar() if sys.stderr.isatty() else None
         progress: ProgressCallback = bar or ProgressLogger(config.wakeup.progress_interval)
         shown = bar.showing() if bar is not None else contextlib.nullcontext()
         with shown:
             result = drive_run(dsn, parts.runner, stopping, progress)
+        escalated = supervisor.exit_status
+        stopping.set()
+        watch.join()
+        if escalated != EXIT_OK:
+            return escalated
         if result is None:
             log.info("wakeup: stopped before the run started")
             return EXIT_OK
@@ -455,15 +497,20 @@ class Supervisor:
             delay = self.config.wakeup.interval - (time.monotonic() - started)
             self.stopping.wait(max(0.0, delay))
 
-    def _watch(self) -> None:
-        """Restart a crashed Registry or Journal writer with back-off; too many restarts
-        (of either, counted together) escalate."""
-        watched = (("the Registry", self.parts.registry),
-                   ("the Journal's writer", self.parts.journal))
+    def watch(self) -> None:
+        """Restart a crashed Registry, Journal writer or APNs sender process with back-off;
+        too many restarts (of any, counted together) escalate."""
+        watched: list[tuple[str, Any]] = [("the Registry", self.parts.registry),
+                                          ("the Journal's writer", self.parts.journal)]
+        client = self.parts.client
+        if isinstance(client, ApnsProcessPool):
+            watched.append(("an APNs sender process", client))
         while not self.stopping.wait(self.policy.check_every):
             for what, part in watched:
                 if part.alive():
                     continue
+                if part is client:
+                    what = f"{what} ({client.last_exit})"
                 pause = self._restart_pause(what)
                 if pause is None:
                     return
@@ -483,7 +530,7 @@ class Supervisor:
         api.start()  # it logs the addresses it listens on
         try:
             self._worker.start()
-            self._watch()
+            self.watch()
             self._worker.join(self.config.wakeup.drain_timeout + 5)
         finally:
             api.stop()
@@ -493,6 +540,12 @@ class Supervisor:
 def run_command(command: str, config: Config, rest: list[str]) -> int:
     """Run a CLI command against the configured (or embedded) database."""
     try:
+        if command == "run":
+            check_open_files(config)
+        if command in ("run", "wakeup") and config.apns.credentials_given:
+            problem = credential_problem(config.apns)
+            if problem is not None:
+                raise ConfigError(config.source, *problem)
         with environment.database_access(config) as access:
             dsn = access.dsn
             if command == "audit":
@@ -519,6 +572,9 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
         return EXIT_USAGE
     except checkpoint.CheckpointError as exc:
         log.critical("%s", exc)
+        return EXIT_USAGE
+    except ConfigError as exc:  # found at start: the credentials, the open-file limit
+        print(f"{NAME}: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DatabaseError as exc:
         log.critical("%s", exc)

@@ -18,7 +18,12 @@ from apns_fixtures import TOPIC, SimulatorFactory, running_client, token
 
 from relay import metrics
 from relay.apns import ApnsClient, ApnsResult, Verdict
-from relay.apns.client import RECONNECT_BASE, RECONNECT_MAX, reconnect_delay
+from relay.apns.client import (
+    RECONNECT_BASE,
+    RECONNECT_MAX,
+    TRANSPORT_RESENDS,
+    reconnect_delay,
+)
 from relay.apns.connection import STREAM_CULL_INTERVAL
 from relay.config import ApnsConfig
 from relay.simulator import Action, ApnsSimulator, ScriptedOutcome
@@ -209,33 +214,46 @@ def test_requests_beyond_the_limit_wait_and_time_out_not_vanish(
     assert simulator.stream_limit_violations == 0
 
 
-def test_a_dropped_connection_fails_in_flight_requests_as_transient(
+def test_a_dropped_connection_resends_on_a_new_one_and_gives_up_after_a_few(
         simulator_factory: SimulatorFactory) -> None:
     simulator, config = simulator_factory()
-    simulator.script(token(1), [ScriptedOutcome(action=Action.DROP, delay=0.05)])
+    drop = ScriptedOutcome(action=Action.DROP, delay=0.05)
+    simulator.script(token(1), [drop])
+    simulator.script(token(2), [drop] * (TRANSPORT_RESENDS + 1))
     with running_client(config) as client:
         assert client.send(token(0), new_id()).result(WAIT).status == 200
         result = client.send(token(1), new_id()).result(WAIT)
-        assert (result.status, result.reason, result.verdict) == (None, "ConnectionLost",
+        assert result.status == 200, "the transport failed, not the token: sent again"
+        killer = client.send(token(2), new_id()).result(WAIT)
+        assert (killer.status, killer.reason, killer.verdict) == (None, "ConnectionLost",
                                                                   Verdict.TRANSIENT)
-        assert client.send(token(1), new_id()).result(WAIT).status == 200
-    assert simulator.connections_opened == 2
+        assert client.send(token(3), new_id()).result(WAIT).status == 200
+    sent = Counter(r.token for r in simulator.requests)
+    assert (sent[token(1)], sent[token(2)]) == (2, TRANSPORT_RESENDS + 1)
+    assert simulator.connections_opened == TRANSPORT_RESENDS + 3
+    ids = {r.header("apns-id") for r in simulator.requests if r.token == token(1)}
+    assert ids == {result.apns_id}
 
 
 def test_rst_stream(simulator_factory: SimulatorFactory) -> None:
     simulator, config = simulator_factory()
-    simulator.script(token(1), [ScriptedOutcome(action=Action.RESET)])
+    reset = ScriptedOutcome(action=Action.RESET)
+    simulator.script(token(1), [reset])
     simulator.script(token(2), [ScriptedOutcome(status=0, action=Action.RESET)])  # REFUSED
+    simulator.script(token(3), [reset] * (TRANSPORT_RESENDS + 1))
     with running_client(config) as client:
         assert client.send(token(0), new_id()).result(WAIT).status == 200
-        reset = client.send(token(1), new_id()).result(WAIT)
+        once = client.send(token(1), new_id()).result(WAIT)
         refused = client.send(token(2), new_id()).result(WAIT)
-    assert (reset.status, reset.reason, reset.verdict) == (None, "StreamReset",
-                                                           Verdict.TRANSIENT)
+        always = client.send(token(3), new_id()).result(WAIT)
+    assert once.status == 200, "a reset stream is the transport's fault: sent again"
+    assert (always.status, always.reason, always.verdict) == (None, "StreamReset",
+                                                              Verdict.TRANSIENT)
     assert refused.status == 200, "a refused stream was not processed: sent again"
     attempts = [r for r in simulator.requests if r.token == token(2)]
     assert len(attempts) == 2
     assert attempts[0].header("apns-id") == attempts[1].header("apns-id") == refused.apns_id
+    assert simulator.connections_opened == 1, "a reset stream leaves its connection up"
 
 
 def test_idle_connections_are_pinged(simulator_factory: SimulatorFactory) -> None:
@@ -560,7 +578,8 @@ def test_stream_counts_agree_with_h2_under_faults(simulator_factory: SimulatorFa
         simulator.script(token(n + 2), [ScriptedOutcome(status=0, action=Action.RESET)])
     with caplog.at_level("ERROR", logger="relay.apns"), running_client(config) as client:
         results = send_all(client, [token(n) for n in range(600)])
-    assert Counter(r.reason for r in results) == {None: 576, "StreamReset": 12, "Timeout": 12}
+    # A reset stream is sent again (and delivered); a withheld one times out.
+    assert Counter(r.reason for r in results) == {None: 588, "Timeout": 12}
     assert STREAM_CULL_INTERVAL < 600
     assert not [r for r in caplog.records if "open streams" in r.getMessage()]
     assert simulator.stream_limit_violations == 0

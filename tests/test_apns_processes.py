@@ -10,10 +10,10 @@ import uuid
 from collections import Counter
 
 import apns_fixtures
-import pytest
 from apns_fixtures import SimulatorFactory, token
 
-from relay.apns import ApnsClient, Verdict, processes
+from relay.apns import ApnsClient, Verdict
+from relay.apns.client import TRANSPORT_RESENDS
 from relay.apns.processes import LOST, ApnsProcessPool, open_client
 from relay.simulator import Action, ScriptedOutcome
 
@@ -52,9 +52,8 @@ def test_children_send_and_the_parent_gets_every_answer(
     assert simulator.connections_opened == 2  # one per child, each with its own token
 
 
-def test_a_child_that_dies_loses_only_its_sends_and_comes_back(
-        simulator_factory: SimulatorFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(processes, "RESTART_DELAY", 3.0)
+def test_a_child_that_dies_costs_no_attempt_and_send_never_waits_for_its_restart(
+        simulator_factory: SimulatorFactory) -> None:
     simulator, config = simulator_factory()
     held = token(1)
     simulator.script(held, [ScriptedOutcome(action=Action.WITHHOLD)])
@@ -67,13 +66,43 @@ def test_a_child_that_dies_loses_only_its_sends_and_comes_back(
         child = pool._children[0].process
         assert child is not None
         os.kill(child.pid, signal.SIGKILL)
-        lost = unanswered.result(WAIT)
-        assert (lost.status, lost.reason, lost.verdict) == (None, LOST, Verdict.TRANSIENT)
-        meanwhile = pool.send(token(5), str(uuid.uuid4())).result(WAIT)  # no child to take it
-        assert (meanwhile.status, meanwhile.reason) == (None, LOST)
         deadline = time.monotonic() + WAIT
-        while pool._children[0].process is child and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while pool.alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        meanwhile = pool.send(token(5), str(uuid.uuid4()))  # no child: it waits, not fails
+        assert not unanswered.done() and not meanwhile.done()
+        assert "exit code -9" in pool.last_exit
+        pool.restart()  # what the supervisor's watch does, within its restart budget
+        assert pool.alive() and pool._children[0].process is not child
+        assert unanswered.result(WAIT).status == 200, "sent again, no attempt lost"
+        assert meanwhile.result(WAIT).status == 200
+        assert Counter(r.token for r in simulator.requests)[held] == 2
+    finally:
+        pool.close()
+
+
+def test_a_send_that_keeps_killing_children_ends_as_lost(
+        simulator_factory: SimulatorFactory) -> None:
+    simulator, config = simulator_factory()
+    killer = token(9)
+    simulator.script(killer, [ScriptedOutcome(action=Action.WITHHOLD)] * 10)
+    pool = ApnsProcessPool(config, expiration=3600, processes=2)
+    pool.start()
+    try:
+        future = pool.send(killer, str(uuid.uuid4()))
+        for kills in range(1, TRANSPORT_RESENDS + 2):
+            assert simulator.wait_for_requests(kills, timeout=WAIT)
+            [holder] = [c for c in pool._children if c.pending]
+            assert holder.process is not None
+            os.kill(holder.process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + WAIT
+            while pool.alive():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            pool.restart()
+        result = future.result(WAIT)
+        assert (result.status, result.reason, result.verdict) == (None, LOST, Verdict.TRANSIENT)
         assert pool.send(token(2), str(uuid.uuid4())).result(WAIT).status == 200
     finally:
         pool.close()

@@ -16,7 +16,9 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import math
 import random
+import re
 import ssl
 import threading
 import time
@@ -34,7 +36,13 @@ from relay.apns.connection import (
     PendingRequest,
     open_connection,
 )
-from relay.apns.jwt import Clock, ProviderToken, shared_provider_token
+from relay.apns.jwt import (
+    Clock,
+    KeyFileError,
+    ProviderToken,
+    load_signing_key,
+    shared_provider_token,
+)
 from relay.apns.reasons import Verdict, classify
 from relay.config import ApnsConfig
 from relay.tokens import redact
@@ -51,6 +59,12 @@ RECONNECT_MAX = 60.0
 SECONDS_TIMESTAMP_LIMIT = 10**11
 # How often the JWT age gauge is refreshed.
 METRICS_INTERVAL = 5.0
+# A request whose connection died under it (lost connection, RST_STREAM) is sent again on
+# another connection without costing its token an attempt: the transport failed, not the
+# token. This many times at most, so a request that itself kills connections ends.
+TRANSPORT_RESENDS = 3
+# A 410 timestamp past this (ms since the epoch: the end of year 9999) is not a date.
+LATEST_TIMESTAMP_MS = 253_402_300_799_999
 
 
 @dataclass(frozen=True)
@@ -86,14 +100,64 @@ def parse_error_body(body: bytes) -> tuple[str | None, int | None]:
     reason = data.get("reason")
     raw = data.get("timestamp")
     timestamp: int | None = None
-    if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
-        try:
-            value = int(float(raw))
-        except ValueError:
-            value = -1
-        if value >= 0:
-            timestamp = value * 1000 if value < SECONDS_TIMESTAMP_LIMIT else value
+    if raw is not None:
+        timestamp = _timestamp_ms(raw)
+        if timestamp is None:
+            log.warning("APNs sent a 410 timestamp that is not a time (%.40r); treating it "
+                        "as absent", raw)
     return (reason if isinstance(reason, str) else None), timestamp
+
+
+def _timestamp_ms(raw: object) -> int | None:
+    """Milliseconds since the epoch from APNs' `timestamp` (seconds or ms), or None when
+    it is not a finite, non-negative number that fits a date."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    ms = int(value) * 1000 if value < SECONDS_TIMESTAMP_LIMIT else int(value)
+    return ms if ms <= LATEST_TIMESTAMP_MS else None
+
+
+# A topic is the app's bundle id, maybe with a suffix such as `.voip` (reference §2).
+_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def credential_problem(config: ApnsConfig) -> tuple[str, str] | None:
+    """(key, what is wrong) with the credentials, topic or TLS files; None when usable.
+
+    Everything `ApnsClient` reads at construction, read once in the parent process at
+    start: with `apns.processes` the clients live in child processes, and a child that
+    cannot even start would only crash, restart and fail every send as transient.
+    """
+    if config.topic is None:
+        return "apns.topic", "required to send notifications"
+    if not _TOPIC.fullmatch(config.topic):
+        return "apns.topic", (f"{config.topic!r} is not a bundle id (letters, digits, "
+                              "'.', '-' and '_')")
+    if config.key_file is not None:
+        try:
+            load_signing_key(config.key_file)
+        except KeyFileError as exc:
+            return "apns.key_file", str(exc)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(config.ca_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return "apns.ca_file", f"{str(config.ca_file)!r} holds no usable CA certificate: {exc}"
+    if config.cert_file is not None:
+        key = str(config.cert_key_file) if config.cert_key_file else None
+        try:
+            context.load_cert_chain(str(config.cert_file), key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return "apns.cert_file", (f"{str(config.cert_file)!r} with its key "
+                                      f"{key!r} is not a usable client certificate: {exc}")
+    return None
 
 
 class _Slot:
@@ -303,6 +367,9 @@ class ApnsClient(ConnectionOwner):
             conn.abort()
             return False
         metrics.SENDS_IN_FLIGHT.inc()
+        if conn.retired:  # out of stream ids: its slot goes to a new connection
+            self._loop.call_soon(self.draining, conn)
+            return False
         return True
 
     def _ensure_connections(self) -> None:
@@ -433,9 +500,23 @@ class ApnsClient(ConnectionOwner):
         self._dispatch()
 
     def lost(self, requests: list[PendingRequest], reason: str) -> None:
+        """The connection or the stream died under these requests: send them again on
+        another connection (TRANSPORT_RESENDS times at most, within their deadline)."""
         metrics.SENDS_IN_FLIGHT.dec(len(requests))
+        again = []
         for request in requests:
-            self._finish(request, None, reason)
+            if request.done:
+                continue
+            request.transport_resends += 1
+            if request.transport_resends > TRANSPORT_RESENDS:
+                log.warning("APNs: %s lost its connection %d times in a row; giving up on "
+                            "this attempt", redact(request.token), request.transport_resends)
+                self._finish(request, None, reason)
+            else:
+                again.append(request)
+        if again:
+            self._pending.extendleft(reversed(again))
+            self._dispatch()
 
     def capacity_changed(self, conn: Http2Connection) -> None:
         if self._pending:

@@ -55,6 +55,11 @@ log = logging.getLogger("relay.apns")
 # which more `apns.connections` serve better.
 STREAM_CAP = 128
 
+# The highest stream id a client may open (RFC 9113 §5.1.1: ids never wrap). A connection
+# whose next id would pass `Http2Connection.last_stream_id` retires: it opens no more
+# streams, its streams in flight are answered, and a new connection takes over.
+MAX_STREAM_ID = 2**31 - 1
+
 # How often h2 may walk its streams to forget closed ones (see `_CountingH2Connection`).
 STREAM_CULL_INTERVAL = 256
 
@@ -80,6 +85,7 @@ class PendingRequest:
         "started",
         "stream_id",
         "token",
+        "transport_resends",
     )
 
     def __init__(self, token: str, apns_id: str, future: Any, started: float, deadline: float):
@@ -91,6 +97,7 @@ class PendingRequest:
         self.jwt: str | None = None  # the provider token this attempt was sent with
         self.jwt_retried = False  # ExpiredProviderToken: one renewal per request
         self.connection_retried = False  # UnrelatedKeyIdInToken: one new connection per request
+        self.transport_resends = 0  # sent again after its connection or stream died
 
 
 class ConnectionOwner(Protocol):
@@ -159,6 +166,8 @@ class _CountingH2Connection(H2Connection):  # type: ignore[misc]
 
 class Http2Connection(asyncio.Protocol):
     """An APNs connection; all methods run on the client's event-loop thread."""
+
+    last_stream_id = MAX_STREAM_ID  # lower in tests, to reach the end of the ids quickly
 
     def __init__(self, owner: ConnectionOwner, *, token_auth: bool, idle_ping: float,
                  ping_timeout: float, body: bytes, label: str) -> None:
@@ -283,6 +292,10 @@ class Http2Connection(asyncio.Protocol):
         self._streams[stream_id] = stream
         request.conn, request.stream_id = self, stream_id
         self._send_body(stream_id, stream)
+        if stream_id + 2 > self.last_stream_id:
+            log.info("APNs connection %s used its last stream id: a new connection takes over",
+                     self.label)
+            self.retired = True
 
     def cancel(self, request: PendingRequest) -> None:
         """The request's deadline passed: stop waiting and free its stream."""

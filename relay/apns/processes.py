@@ -12,9 +12,15 @@ Wire between parent and child (multiprocessing pipes, pickled lists, one message
 per burst in each direction): requests `(id, token, apns_id)`, answers
 `(id, status, reason, timestamp_ms, received_at_ms)`; `None` asks a child to close
 (it answers what is unanswered as `Closed`, then sends `None` back). A child
-whose parent dies sees end-of-file and exits. A child that dies has its
-unanswered requests answered as lost (status None: transient, so retried with
-back-off) and is started again.
+whose parent dies sees end-of-file and exits.
+
+A child that dies is the transport's fault, as a dropped connection is: its
+unanswered requests go to another child (or wait for one) without costing their
+tokens an attempt, TRANSPORT_RESENDS times at most per request. The dead child
+is started again by whoever watches the pool (`alive()` / `restart()`: the
+supervisor, with its restart budget), so a child that keeps dying ends the relay
+instead of failing every send forever. `send()` never waits for a child: with
+none alive, requests queue in the parent until one is back.
 """
 
 from __future__ import annotations
@@ -33,15 +39,14 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from relay import metrics
-from relay.apns.client import ApnsClient, ApnsResult
+from relay.apns.client import TRANSPORT_RESENDS, ApnsClient, ApnsResult
 from relay.apns.reasons import classify
 from relay.config import ApnsConfig
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 10.0  # seconds a child has to answer its last requests as `Closed`
-RESTART_DELAY = 1.0  # before starting a child again after it died
-LOST = "ChildProcessLost"  # the reason of answers a dead child never gave
+LOST = "ChildProcessLost"  # the reason of answers dead children never gave
 
 Request = tuple[int, str, str]  # id, token, apns_id
 Answer = tuple[int, "int | None", "str | None", "int | None", int]
@@ -70,6 +75,7 @@ class _Pending:
     apns_id: str
     started: float
     future: concurrent.futures.Future[ApnsResult]
+    resends: int = 0  # sent again after the child holding it died
 
 
 @dataclass
@@ -77,7 +83,8 @@ class _Child:
     index: int
     process: Any = None  # multiprocessing's SpawnProcess
     conn: Connection | None = None
-    alive: bool = False  # False between its death and its restart: sends fail at once
+    alive: bool = False  # False between its death and its restart: sends go elsewhere
+    exit_code: int | None = None  # how it last died
     pending: dict[int, _Pending] = field(default_factory=dict)
     outgoing: list[Request] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
@@ -92,7 +99,8 @@ class ApnsProcessPool:
         self._config, self._expiration = config, expiration
         self._children = [_Child(i) for i in range(processes)]
         self._ids = itertools.count()
-        self._next = itertools.cycle(self._children)
+        self._turn = 0  # round robin over the children alive
+        self._waiting: list[_Pending] = []  # no child alive: sent when one is back
         self._lock = threading.Lock()  # pending, outgoing, and the writer's wake-up
         self._wake = threading.Condition(self._lock)
         self._closing = False
@@ -106,15 +114,39 @@ class ApnsProcessPool:
             self._spawn(child)
         self._writer.start()
 
+    def alive(self) -> bool:
+        """Every child is running (or the pool is closing)."""
+        with self._lock:
+            return self._closing or all(child.alive for child in self._children)
+
+    def restart(self) -> None:
+        """Start the dead children again; requests waiting for one go out."""
+        for child in self._children:
+            if not child.alive and not self._closing:
+                child.closed.wait(CLOSE_TIMEOUT)  # its reader has answered for it
+                self._spawn(child)
+
+    @property
+    def last_exit(self) -> str:
+        """How the children that died last ended (for the operator's message)."""
+        codes = [f"process {c.index}: exit code {c.exit_code}" for c in self._children
+                 if c.exit_code is not None]
+        return ", ".join(codes) or "none died"
+
     def _spawn(self, child: _Child) -> None:
+        """Starts the process outside the lock: `send()` never waits for a process start."""
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=serve, args=(child_end, self._config, self._expiration),
             name=f"apns-sender-{child.index}", daemon=True)
         process.start()
         child_end.close()
-        child.process, child.conn, child.alive = process, parent_end, True
-        child.closed.clear()
+        with self._lock:
+            child.process, child.conn, child.alive = process, parent_end, True
+            child.closed.clear()
+            waiting, self._waiting = self._waiting, []
+            for pending in waiting:
+                self._assign(pending)
         threading.Thread(target=self._read, args=(child, parent_end),
                          name=f"apns-pool-reader-{child.index}", daemon=True).start()
 
@@ -122,21 +154,28 @@ class ApnsProcessPool:
         """Queue one notification for a child; never blocks; the future always resolves."""
         future: concurrent.futures.Future[ApnsResult] = concurrent.futures.Future()
         pending = _Pending(token, apns_id, time.monotonic(), future)
-        reason = "Closed"
         with self._lock:
-            child = next(self._next)
-            if not self._closing and not child.alive:
-                reason = LOST
-            elif not self._closing:
-                request_id = next(self._ids)
-                child.pending[request_id] = pending
-                child.outgoing.append((request_id, token, apns_id))
-                if len(child.outgoing) == 1:
-                    self._wake.notify()
+            if not self._closing:
+                self._assign(pending)
                 metrics.SENDS_IN_FLIGHT.inc()
                 return future
-        self._resolve(pending, (0, None, reason, None, _now_ms()))
+        self._resolve(pending, (0, None, "Closed", None, _now_ms()))
         return future
+
+    def _assign(self, pending: _Pending) -> None:
+        """To the next child alive, else to the waiting list (under the lock)."""
+        children = self._children
+        for step in range(len(children)):
+            child = children[(self._turn + step) % len(children)]
+            if child.alive:
+                self._turn = (self._turn + step + 1) % len(children)
+                request_id = next(self._ids)
+                child.pending[request_id] = pending
+                child.outgoing.append((request_id, pending.token, pending.apns_id))
+                if len(child.outgoing) == 1:
+                    self._wake.notify()
+                return
+        self._waiting.append(pending)
 
     def close(self) -> None:
         """Each child answers what it still holds as `Closed` and exits."""
@@ -154,6 +193,11 @@ class ApnsProcessPool:
                 if child.process.is_alive():
                     child.process.kill()
             self._fail_pending(child, "Closed")
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        metrics.SENDS_IN_FLIGHT.dec(len(waiting))
+        for pending in waiting:
+            self._resolve(pending, (0, None, "Closed", None, _now_ms()))
 
     # --- parent threads ------------------------------------------------------------------
 
@@ -195,18 +239,35 @@ class ApnsProcessPool:
                         metrics.SENDS_IN_FLIGHT.dec()
                         self._resolve(pending, answer)
         except (EOFError, OSError):
-            if not self._closing:
-                log.error("APNs sender process %d died; its unanswered sends count as "
-                          "failed attempts; starting it again", child.index)
+            pass
         finally:
             conn.close()
-            self._fail_pending(child, LOST)
+            if self._closing:
+                self._fail_pending(child, "Closed")
+            else:
+                self._child_died(child)
             child.closed.set()
-        if not self._closing:
-            time.sleep(RESTART_DELAY)
-            with self._lock:
-                if not self._closing:
-                    self._spawn(child)
+
+    def _child_died(self, child: _Child) -> None:
+        """Its unanswered requests go to another child (or wait); it waits for `restart()`."""
+        if child.process is not None:
+            child.process.join(1.0)
+            child.exit_code = child.process.exitcode
+        lost: list[_Pending] = []
+        with self._lock:
+            child.alive = False
+            pending, child.pending, child.outgoing = child.pending, {}, []
+            for request in pending.values():
+                if request.resends < TRANSPORT_RESENDS:
+                    request.resends += 1
+                    self._assign(request)
+                else:
+                    lost.append(request)
+        log.error("APNs sender process %d died (exit code %s) with %d sends unanswered; "
+                  "they go to another process", child.index, child.exit_code, len(pending))
+        metrics.SENDS_IN_FLIGHT.dec(len(lost))
+        for request in lost:
+            self._resolve(request, (0, None, LOST, None, _now_ms()))
 
     def _fail_pending(self, child: _Child, reason: str) -> None:
         with self._lock:

@@ -170,6 +170,7 @@ class ApnsSimulator:
                 (host, "127.0.0.1", "localhost", "::1")))
         )
         self._scripts: dict[str, deque[ScriptedOutcome]] = {}
+        self._burst: deque[ScriptedOutcome] = deque()  # the next answers, whatever the token
         self._lock = threading.Lock()
         self._recorded_cond = threading.Condition(self._lock)
         self._records: deque[RecordedRequest] = deque(maxlen=record_limit)
@@ -278,6 +279,12 @@ class ApnsSimulator:
         with self._lock:
             self._scripts[token.lower()] = deque(outcomes)
 
+    def burst(self, outcomes: Iterable[ScriptedOutcome]) -> None:
+        """Answer the next valid requests, whatever their token, with `outcomes` (before any
+        token's own script): an APNs-wide fault such as a burst of 503 or 429."""
+        with self._lock:
+            self._burst.extend(outcomes)
+
     def set_max_concurrent_streams(self, limit: int) -> None:
         """New SETTINGS_MAX_CONCURRENT_STREAMS for new and open connections."""
         def apply() -> None:
@@ -324,6 +331,8 @@ class ApnsSimulator:
 
     def _next_outcome(self, token: str) -> ScriptedOutcome | None:
         with self._lock:
+            if self._burst:
+                return self._burst.popleft()
             script = self._scripts.get(token.lower())
             if not script:
                 return None
