@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,10 +39,17 @@ from relay.tokens import redact
 
 log = logging.getLogger(__name__)
 
-# Retry of registration reads while the database is unreachable (same policy as the Journal).
 # The registered-devices gauge is re-counted from the devices projection at most this often
 # (seconds) after a change: one count query instead of a read per registration.
 GAUGE_REFRESH = 5.0
+# Most requests from the API the Registry holds at once (in its mailbox, or waiting for a
+# read of the log): beyond it `register`/`unregister` raise `RegistryBusy` (the API's 503
+# with Retry-After) instead of queueing without bound while the database is slow or away.
+MAILBOX_BOUND = 10_000
+
+
+class RegistryBusy(RuntimeError):
+    """The Registry holds MAILBOX_BOUND requests already; the caller should retry later."""
 
 
 class DeviceRegistry(Protocol):
@@ -89,149 +96,235 @@ class _Dead:
     verdict: DeadVerdict
     reply: Future[None]
 
+    @property
+    def token(self) -> str:
+        return self.verdict.token
+
+
+_Request = _Register | _Unregister | _Dead
+# (active, registered_at_ms) of a token
+_TokenState = tuple[bool, "int | None"]
+
+
+@dataclass(frozen=True)
+class _ReadDone:
+    token: str
+    state: _TokenState | None  # None: the read failed (error says why)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class _RetryReads:
+    pass
+
 
 @dataclass(frozen=True)
 class _RefreshGauge:
     pass
 
 
-@dataclass(frozen=True)
-class _Committed:
-    token: str
-    seq: int
-
-
 @dataclass
 class _Pending:
-    """This actor's latest event for a token that the Journal has not committed yet."""
+    """This actor's latest event for a token, as long as the Journal has not settled it."""
 
     active: bool
     registered_at_ms: int | None
-    seq: int
-    commit: Future[None]
+    commit: Future[Any]
 
 
 class Registry(pykka.ThreadingActor):
+    """Never blocks: reads of the log run on a thread of their own and come back as
+    messages; a failed read is retried by a timed message. While a token's read is
+    out, later requests for that token wait behind it (in order), other tokens do not.
+    """
+
     def __init__(self, journal: Journal, reader: LogReader, config: RegistryConfig, *,
-                 stopping: threading.Event, clock_ms: Callable[[], int] = ev.now_ms) -> None:
+                 slots: threading.BoundedSemaphore,
+                 clock_ms: Callable[[], int] = ev.now_ms) -> None:
         super().__init__()
         self._journal, self._reader = journal, reader
         self._skew_ms = round(config.clock_skew * 1000)
-        self._stopping, self._clock_ms = stopping, clock_ms
+        self._slots, self._clock_ms = slots, clock_ms
         self._pending: dict[str, _Pending] = {}
-        self._seq = 0
+        self._waiting: dict[str, list[_Request]] = {}  # tokens whose read is out or due
+        self._unread: list[str] = []  # failed reads, retried at the retry timer
+        self._pauses = RetryPauses()
+        self._reads: ThreadPoolExecutor | None = None
         self._gauge_timer: threading.Timer | None = None
+        self._retry_timer: threading.Timer | None = None
 
     def on_start(self) -> None:
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="registry-read")
         self._refresh_gauge()
 
     def on_stop(self) -> None:
-        if self._gauge_timer is not None:
-            self._gauge_timer.cancel()
-
-    def _refresh_gauge(self) -> None:
-        """Count active devices in the projection: the gauge follows the log, not guesses."""
-        self._gauge_timer = None
-        try:
-            metrics.DEVICES_REGISTERED.set(self._reader.active_count())
-        except psycopg.Error as exc:
-            log.warning("cannot count registered devices (%s); the gauge waits", exc)
-
-    def _gauge_changes(self) -> None:
-        if self._gauge_timer is None:
-            ref = self.actor_ref
-            self._gauge_timer = threading.Timer(
-                GAUGE_REFRESH, lambda: _tell_quietly(ref, _RefreshGauge()))
-            self._gauge_timer.daemon = True
-            self._gauge_timer.start()
+        for timer in (self._gauge_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._reads is not None:
+            self._reads.shutdown(wait=False, cancel_futures=True)
+        stopped = RuntimeError("the registry stopped before reading the token's state")
+        for requests in self._waiting.values():
+            for request in requests:
+                self._finished(request)
+                request.reply.set_exception(stopped)
+        self._waiting.clear()
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, _Register):
-            self._register(message.token, message.reply)
-        elif isinstance(message, _Unregister):
-            self._unregister(message.token, message.reply)
-        elif isinstance(message, _Dead):
-            self._dead(message.verdict, message.reply)
-        elif isinstance(message, _Committed):
-            pending = self._pending.get(message.token)
-            if pending is not None and pending.seq == message.seq:
-                del self._pending[message.token]
-            self._gauge_changes()  # after the commit, so the next count includes it
+        if isinstance(message, (_Register, _Unregister, _Dead)):
+            self._take(message)
+        elif isinstance(message, _ReadDone):
+            self._read_done(message)
+        elif isinstance(message, _RetryReads):
+            self._retry_timer = None
+            unread, self._unread = self._unread, []
+            for token in unread:
+                self._read(token)
         elif isinstance(message, _RefreshGauge):
+            self._gauge_timer = None
             self._refresh_gauge()
 
-    def _register(self, token: str, reply: Future[None]) -> None:
-        at_ms = self._clock_ms()
-        commit = self._append(token, ev.device_registered(token, at_ms), True, at_ms)
-        _chain(commit, reply, metrics.REGISTRATIONS.inc)
+    # --- requests ---
 
-    def _unregister(self, token: str, reply: Future[None]) -> None:
-        active, _ = self._state(token, retry=True) or (True, None)
-        if not active:
-            self._settle_like_pending(token, reply)
-            return
-        at_ms = self._clock_ms()
-        commit = self._append(token, ev.device_unregistered(token, at_ms, ev.CAUSE_API),
-                              False, None)
-        _chain(commit, reply, lambda: _count_unregistration(ev.CAUSE_API))
+    def _take(self, request: _Request) -> None:
+        token = request.token
+        waiting = self._waiting.get(token)
+        if waiting is not None:
+            waiting.append(request)  # behind the read: order per token is kept
+        elif isinstance(request, _Register):
+            self._decide(request, None)  # a registration does not depend on the state
+        elif (pending := self._overlay(token)) is not None:
+            self._decide(request, (pending.active, pending.registered_at_ms))
+        else:
+            self._waiting[token] = [request]
+            self._read(token)
 
-    def _dead(self, verdict: DeadVerdict, reply: Future[None]) -> None:
-        active, registered_at_ms = self._state(verdict.token, retry=True) or (True, None)
+    def _overlay(self, token: str) -> _Pending | None:
+        """Our latest event for the token while uncommitted; once settled the log decides."""
+        pending = self._pending.get(token)
+        if pending is not None and pending.commit.done():
+            del self._pending[token]
+            return None
+        return pending
+
+    def _decide(self, request: _Request, state: _TokenState | None) -> _TokenState | None:
+        """Act on one request given the token's state; returns the state after it."""
+        self._finished(request)
+        if isinstance(request, _Register):
+            at_ms = self._clock_ms()
+            self._append(request, ev.device_registered(request.token, at_ms), (True, at_ms),
+                         metrics.REGISTRATIONS.inc)
+            return True, at_ms
+        active, registered_at_ms = state or (True, None)
+        if isinstance(request, _Unregister):
+            if not active:
+                self._settle_like_pending(request)
+                return state
+            event = ev.device_unregistered(request.token, self._clock_ms(), ev.CAUSE_API)
+            self._append(request, event, (False, None),
+                         lambda: _count_unregistration(ev.CAUSE_API))
+            return False, None
+        return self._dead(request, active, registered_at_ms, state)
+
+    def _dead(self, request: _Dead, active: bool, registered_at_ms: int | None,
+              state: _TokenState | None) -> _TokenState | None:
+        verdict = request.verdict
         event = decide_dead_token(verdict, active=active, registered_at_ms=registered_at_ms,
                                   clock_skew_ms=self._skew_ms, now_ms=self._clock_ms())
         if event is None:
-            self._settle_like_pending(verdict.token, reply)
-            return
+            self._settle_like_pending(request)
+            return state
         if event.type == ev.DEVICE_UNREGISTERED:
             log.info("unregistering %s: APNs says %s", redact(verdict.token), verdict.cause)
-            commit = self._append(verdict.token, event, False, None)
-            _chain(commit, reply, lambda: _count_unregistration(verdict.cause))
-        else:
-            log.info("keeping %s despite APNs' %s: it registered again after the verdict",
-                     redact(verdict.token), verdict.cause)
-            _chain(self._journal_commit(event), reply, lambda: None)
+            self._append(request, event, (False, None),
+                         lambda: _count_unregistration(verdict.cause))
+            return False, None
+        log.info("keeping %s despite APNs' %s: it registered again after the verdict",
+                 redact(verdict.token), verdict.cause)
+        _chain(self._journal.append([event]), request.reply, lambda: None)
+        return state
 
-    def _state(self, token: str, *, retry: bool) -> tuple[bool, int | None] | None:
-        """(active, registered_at_ms), own pending events first; None if unreadable."""
-        pending = self._pending.get(token)
-        if pending is not None:
-            return pending.active, pending.registered_at_ms
-        pauses = RetryPauses()
-        while True:
-            try:
-                active, registered_at_ms = self._reader.registration(token)
-                return bool(active), registered_at_ms
-            except psycopg.Error as exc:
-                if not retry or self._stopping.is_set():
-                    return None
-                delay = pauses.next()
-                log.warning("cannot read the registration of %s (%s); retrying in %.1fs",
-                            redact(token), exc, delay)
-                if self._stopping.wait(delay):
-                    return None
+    def _finished(self, request: _Request) -> None:
+        """The request leaves the Registry's hands: its slot is free again."""
+        if not isinstance(request, _Dead):
+            self._slots.release()
 
-    def _settle_like_pending(self, token: str, reply: Future[None]) -> None:
+    def _settle_like_pending(self, request: _Request) -> None:
         """Nothing to write, but answer only once what we already wrote is committed."""
-        pending = self._pending.get(token)
+        pending = self._overlay(request.token)
         if pending is None:
-            reply.set_result(None)
+            request.reply.set_result(None)
         else:
-            _chain(pending.commit, reply, lambda: None)
+            _chain(pending.commit, request.reply, lambda: None)
 
-    def _append(self, token: str, event: ev.Event, active: bool,
-                registered_at_ms: int | None) -> Future[None]:
-        self._seq += 1
-        seq = self._seq
-        commit = self._journal_commit(event)
-        self._pending[token] = _Pending(active, registered_at_ms, seq, commit)
+    def _append(self, request: _Request, event: ev.Event, state: _TokenState,
+                on_success: Callable[[], None]) -> None:
+        commit = self._journal.append([event])
+        self._pending[request.token] = _Pending(*state, commit)
+        _chain(commit, request.reply, on_success)
+        self._gauge_changes()
+
+    # --- reads, off the actor ---
+
+    def _read(self, token: str) -> None:
+        assert self._reads is not None
+        ref, reader = self.actor_ref, self._reader
+
+        def read() -> None:
+            try:
+                state = reader.registration(token)
+            except psycopg.Error as exc:
+                _tell_quietly(ref, _ReadDone(token, None, str(exc).strip() or repr(exc)))
+            else:
+                _tell_quietly(ref, _ReadDone(token, state))
+
+        with contextlib.suppress(RuntimeError):  # shut down: the actor is stopping
+            self._reads.submit(read)
+
+    def _read_done(self, message: _ReadDone) -> None:
+        if message.state is None:
+            self._unread.append(message.token)
+            if self._retry_timer is None:
+                delay = self._pauses.next()
+                log.warning("cannot read the registration of %s (%s); retrying in %.1fs",
+                            redact(message.token), message.error.splitlines()[0], delay)
+                self._retry_timer = self._timer(delay, _RetryReads())
+            return
+        self._pauses.reset()
+        state: _TokenState | None = message.state
+        for request in self._waiting.pop(message.token, []):
+            state = self._decide(request, state)
+
+    # --- the registered-devices gauge ---
+
+    def _refresh_gauge(self) -> None:
+        """Count active devices in the projection (off the actor): the gauge follows the
+        log, not guesses. Settled overlay entries are dropped meanwhile."""
+        self._pending = {t: p for t, p in self._pending.items() if not p.commit.done()}
+        if self._pending:  # not all committed yet: count again once they are
+            self._gauge_changes()
+        assert self._reads is not None
+        reader = self._reader
+
+        def count() -> None:
+            try:
+                metrics.DEVICES_REGISTERED.set(reader.active_count())
+            except psycopg.Error as exc:
+                log.warning("cannot count registered devices (%s); the gauge waits", exc)
+
+        with contextlib.suppress(RuntimeError):
+            self._reads.submit(count)
+
+    def _gauge_changes(self) -> None:
+        if self._gauge_timer is None:
+            self._gauge_timer = self._timer(GAUGE_REFRESH, _RefreshGauge())
+
+    def _timer(self, delay: float, message: object) -> threading.Timer:
         ref = self.actor_ref
-        commit.add_done_callback(lambda _: _tell_quietly(ref, _Committed(token, seq)))
-        return commit
-
-    def _journal_commit(self, event: ev.Event) -> Future[None]:
-        done: Future[None] = Future()
-        _chain(self._journal.append([event]), done, lambda: None)
-        return done
+        timer = threading.Timer(delay, lambda: _tell_quietly(ref, message))
+        timer.daemon = True
+        timer.start()
+        return timer
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
@@ -264,20 +357,25 @@ class RegistryHandle:
     everyone holding the handle (the HTTP API, the Sender shards) reaches the new actor.
     The new actor's overlay starts empty, which is exact: whatever the old one appended
     is in the Journal's hands and visible to `LogReader` once committed.
+
+    `register` and `unregister` raise `RegistryBusy` when `mailbox` requests are already
+    in the actor's hands; dead-token verdicts are always taken (the run's window of
+    credit bounds them).
     """
 
     def __init__(self, journal: Journal, reader: LogReader, config: RegistryConfig, *,
-                 clock_ms: Callable[[], int] = ev.now_ms) -> None:
+                 clock_ms: Callable[[], int] = ev.now_ms, mailbox: int = MAILBOX_BOUND) -> None:
         self._journal, self._reader, self._config = journal, reader, config
-        self._clock_ms = clock_ms
-        self._stopping = threading.Event()
+        self._clock_ms, self._mailbox = clock_ms, mailbox
+        self._slots = threading.BoundedSemaphore(mailbox)
         self._ref: pykka.ActorRef[Registry] | None = None
 
     @classmethod
     def start(cls, journal: Journal, reader: LogReader, config: RegistryConfig, *,
-              clock_ms: Callable[[], int] = ev.now_ms) -> RegistryHandle:
+              clock_ms: Callable[[], int] = ev.now_ms,
+              mailbox: int = MAILBOX_BOUND) -> RegistryHandle:
         """Start the Registry actor; the Journal must already be started."""
-        handle = cls(journal, reader, config, clock_ms=clock_ms)
+        handle = cls(journal, reader, config, clock_ms=clock_ms, mailbox=mailbox)
         handle.restart()
         return handle
 
@@ -285,36 +383,40 @@ class RegistryHandle:
         """Start the actor again if it is not running (after a crash, or a stop)."""
         if self._ref is not None and self._ref.is_alive():
             return
-        self._stopping = threading.Event()
+        # Fresh slots: those of requests lost with a crashed actor would never come back.
+        self._slots = threading.BoundedSemaphore(self._mailbox)
         self._ref = Registry.start(self._journal, self._reader, self._config,
-                                   stopping=self._stopping, clock_ms=self._clock_ms)
+                                   slots=self._slots, clock_ms=self._clock_ms)
 
     def register(self, token: str) -> Future[None]:
-        return self._send(lambda reply: _Register(token, reply))
+        return self._send(_Register(token, Future()), bounded=True)
 
     def unregister(self, token: str) -> Future[None]:
-        return self._send(lambda reply: _Unregister(token, reply))
+        return self._send(_Unregister(token, Future()), bounded=True)
 
     def dead_token(self, verdict: DeadVerdict) -> Future[None]:
         """Unregister or keep a token APNs called dead; resolves after the decision is committed."""
-        return self._send(lambda reply: _Dead(verdict, reply))
+        return self._send(_Dead(verdict, Future()), bounded=False)
 
     def alive(self) -> bool:
         return self._ref is not None and self._ref.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop taking requests; requests already accepted are in the Journal's hands."""
-        self._stopping.set()
+        """Stop taking requests; requests already accepted are in the Journal's hands
+        (those still waiting for a read of the log fail)."""
         if self._ref is not None and self._ref.is_alive():
             self._ref.stop(block=True, timeout=timeout)
 
-    def _send(self, build: Callable[[Future[None]], object]) -> Future[None]:
-        reply: Future[None] = Future()
-        ref = self._ref
+    def _send(self, request: _Request, *, bounded: bool) -> Future[None]:
+        ref, slots = self._ref, self._slots
+        if bounded and not slots.acquire(blocking=False):
+            raise RegistryBusy(f"the registry holds {self._mailbox} requests already")
         try:
             if ref is None:
                 raise pykka.ActorDeadError("never started")
-            ref.tell(build(reply))
+            ref.tell(request)
         except pykka.ActorDeadError as exc:
-            reply.set_exception(RuntimeError(f"the registry is not running: {exc}"))
-        return reply
+            if bounded:
+                slots.release()
+            request.reply.set_exception(RuntimeError(f"the registry is not running: {exc}"))
+        return request.reply

@@ -2,8 +2,7 @@
 
 Every component appends through `Journal.append`, which never blocks: the events
 are encoded in the caller's thread and queued. One writer thread takes whatever is
-queued (up to `max_batch` events, waiting at most `max_delay` after the oldest
-request for more to arrive) and writes it in ONE transaction:
+queued (up to `max_batch` events) and writes it in ONE transaction:
 
     lock the head row (FOR UPDATE)  -> positions head+1.. and the previous hash
     COPY the events (binary)        -> the insert trigger moves the head and checks
@@ -14,7 +13,13 @@ request for more to arrive) and writes it in ONE transaction:
     COMMIT                          -> then, and only then, resolve the futures
 
 One commit per batch instead of per event is what makes the log fast (the fsync is
-shared); appenders that arrive while a transaction runs form the next batch.
+shared); appenders that arrive while a transaction runs form the next batch. The
+writer never waits for a batch to fill: an idle writer commits a lone request at
+once, and batches form only under load, from what queued during the previous commit.
+
+An idle writer checks the database every `PROBE_EVERY` seconds (one `SELECT 1`), so
+`database_available` (and /health) turns false soon after the database goes away even
+when nothing is written, and true again once it answers.
 
 Database failures: the writer marks the database unavailable, retries the same
 batch with the pauses of `relay.database.RetryPauses` (400 ms to 30 s) until it
@@ -67,10 +72,13 @@ BATCH_RETENTION = "7 days"
 PRUNE_EVERY = 1000
 
 # Most events per group-commit transaction. A batch only grows this large when appenders
-# outpace the writer (else max_delay ends it first), and then each transaction's fixed
+# outpace the writer, and then each transaction's fixed
 # cost (head lock, MERGE round trip, fsync) is what limits: bench/journal.py gave ~45k
 # events/s at 1,000 and ~58k at 4,000 on a 2-core machine.
 MAX_BATCH = 4000
+# How long the writer may stay idle before it checks that the database still answers
+# (/health must turn 503 within 5 s of losing it when nothing is written).
+PROBE_EVERY = 1.0
 # Events per transaction of `append_bulk`.
 BULK_CHUNK = 50_000
 # Events per chunk written to the COPY stream (about 45 KB): the server stores one
@@ -173,7 +181,9 @@ def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -
 class Journal:
     """The one writer of the event log (see the module docstring for the protocol)."""
 
-    def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.005) -> None:
+    def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.0) -> None:
+        """`max_delay`: extra seconds to wait for a batch to fill after its first request;
+        0 (no wait) serves every load best, larger values only help tests hold a batch."""
         self._dsn = dsn
         self._max_batch = max_batch
         self._max_delay = max_delay
@@ -254,17 +264,21 @@ class Journal:
     # --- the writer thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: list[_Request] = []
+        batch: list[_Request] | None = []
         try:
             while True:
                 batch = self._take_batch()
-                if not batch:
+                if batch is None:
+                    self._probe()
+                elif not batch:
                     return
-                self._commit(batch)
+                else:
+                    self._commit(batch)
         except Exception as exc:
             # A bug, not the database (its errors are handled in _commit): that batch may
             # be the cause, so it is failed, not retried; its callers see an error, never
             # a success. Whatever is queued waits for the supervisor's `restart`.
+            batch = batch or []
             log.critical("the Journal's writer crashed on a batch of %d events",
                          sum(len(r.events) for r in batch), exc_info=True)
             self._fail([r for r in batch if not r.future.done()],
@@ -272,13 +286,16 @@ class Journal:
         finally:
             self._discard_connection()
 
-    def _take_batch(self) -> list[_Request]:
-        """Block for the first request, then gather more until full or max_delay passed."""
+    def _take_batch(self) -> list[_Request] | None:
+        """Wait for a request, then take what is queued (up to max_batch events); [] when
+        stopping with nothing queued, None after PROBE_EVERY idle seconds."""
         batch: list[_Request] = []
         count = 0
         with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
+            if not self._queue and not self._stopping:
+                self._cond.wait(PROBE_EVERY)
+                if not self._queue and not self._stopping:
+                    return None
             if not self._queue:
                 return batch
             deadline = self._queue[0].enqueued + self._max_delay
@@ -322,15 +339,34 @@ class Journal:
             self._resolve(batch, positions)
             return
 
-    def _write(self, batch: list[_Request], batch_id: uuid.UUID, retrying: bool) -> int:
-        """One attempt; returns the position of the batch's first event."""
+    def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None:
             self._conn = connect(
                 self._dsn, application_name="relay-journal", **KEEPALIVES,
                 options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
             )
             projection.prepare(self._conn)
-        conn = self._conn
+        return self._conn
+
+    def _probe(self) -> None:
+        """Idle: does the database still answer? (Connects again when it was lost.)"""
+        try:
+            conn = self._connection()
+            conn.execute("SELECT 1")
+            conn.rollback()
+        except psycopg.Error as exc:
+            self._discard_connection()
+            if self._available:
+                log.warning("the event log's database does not answer: %s",
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else
+                            type(exc).__name__)
+            self._set_available(False)
+            return
+        self._set_available(True)
+
+    def _write(self, batch: list[_Request], batch_id: uuid.UUID, retrying: bool) -> int:
+        """One attempt; returns the position of the batch's first event."""
+        conn = self._connection()
         with conn.cursor() as cur:
             row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
             assert row is not None, "log_head has exactly one row (schema/001_event_log.sql)"
