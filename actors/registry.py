@@ -9,10 +9,17 @@ T - `registry.clock_skew`; a registration after that means the device came back
 nothing, whereas a wrong unregistration silences a device until it re-registers.
 
 Why an overlay: the Journal commits asynchronously, so a registration accepted a
-moment ago may not be visible to `LogReader.registration` yet. Every decision
-runs on this actor's thread, which sees its own not-yet-committed events in
-`_pending`; together with the committed state that makes ordering exact within
-the process. Entries leave the overlay once committed (then the log has them).
+moment ago may not be visible to `LogReader.registration` yet. `_Overlay` keeps the
+latest event we appended per token until the Journal settles it, and its lock orders
+every append about a token: a registration is appended under it by the caller's
+thread (no hop through the actor: it depends on no state), a decision (unregister,
+dead token) is taken and appended under it by the actor. A decision sees every
+registration appended before it, and every later one lands after it in the log.
+
+The actor never blocks: reads of the log run on a thread of its own and come back as
+messages, a failed read is retried by a timed message. While a token's read is out,
+later requests for that token wait behind it, other tokens do not; when it comes
+back, an overlay entry appended after the read began wins over what it read.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import psycopg
 import pykka
@@ -42,8 +49,8 @@ log = logging.getLogger(__name__)
 # The registered-devices gauge is re-counted from the devices projection at most this often
 # (seconds) after a change: one count query instead of a read per registration.
 GAUGE_REFRESH = 5.0
-# Most requests from the API the Registry holds at once (in its mailbox, or waiting for a
-# read of the log): beyond it `register`/`unregister` raise `RegistryBusy` (the API's 503
+# Most unregistrations the Registry holds at once (in its mailbox, or waiting for a read
+# of the log): beyond it `unregister` raises `RegistryBusy` (the API's 503
 # with Retry-After) instead of queueing without bound while the database is slow or away.
 MAILBOX_BOUND = 10_000
 
@@ -55,7 +62,7 @@ class RegistryBusy(RuntimeError):
 class DeviceRegistry(Protocol):
     """What the HTTP API needs: both futures resolve only after COMMIT."""
 
-    def register(self, token: str) -> Future[None]: ...
+    def register(self, token: str) -> Future[Any]: ...
 
     def unregister(self, token: str) -> Future[None]: ...
 
@@ -80,12 +87,6 @@ def decide_dead_token(verdict: DeadVerdict, *, active: bool, registered_at_ms: i
 
 
 @dataclass(frozen=True)
-class _Register:
-    token: str
-    reply: Future[None]
-
-
-@dataclass(frozen=True)
 class _Unregister:
     token: str
     reply: Future[None]
@@ -101,7 +102,7 @@ class _Dead:
         return self.verdict.token
 
 
-_Request = _Register | _Unregister | _Dead
+_Request = _Unregister | _Dead
 # (active, registered_at_ms) of a token
 _TokenState = tuple[bool, "int | None"]
 
@@ -123,30 +124,64 @@ class _RefreshGauge:
     pass
 
 
-@dataclass
-class _Pending:
-    """This actor's latest event for a token, as long as the Journal has not settled it."""
+class _Pending(NamedTuple):
+    """Our latest event for a token, until the Journal settles it."""
 
     active: bool
     registered_at_ms: int | None
     commit: Future[Any]
+    seq: int
+
+
+class _Overlay:
+    """The latest event appended per token while uncommitted, and the lock that orders
+    appends (see the module docstring). Shared by the handle and its actors."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.lock = threading.Lock()
+        self._journal = journal
+        self._pending: dict[str, _Pending] = {}
+        self.seq = 0  # appends so far: a read remembers it to spot later appends
+        self.changed = False  # appended since the gauge was last counted
+
+    def append(self, event: ev.Event, state: _TokenState) -> Future[Any]:
+        """Append the event of `state` (hold `lock`)."""
+        commit = self._journal.append([event])
+        self.seq += 1
+        self._pending[event.data["token"]] = _Pending(*state, commit, self.seq)
+        self.changed = True
+        return commit
+
+    def live(self, token: str) -> _Pending | None:
+        """The token's entry while its commit is unsettled (hold `lock`)."""
+        pending = self._pending.get(token)
+        return pending if pending is not None and not pending.commit.done() else None
+
+    def since(self, token: str, seq: int) -> _Pending | None:
+        """The token's entry if appended after `seq`, settled or not (hold `lock`)."""
+        pending = self._pending.get(token)
+        return pending if pending is not None and pending.seq > seq else None
+
+    def sweep(self, keep: Container[str]) -> bool:
+        """Drop settled entries (the log has them) except `keep`'s; True if some are not."""
+        with self.lock:
+            self._pending = {token: p for token, p in self._pending.items()
+                             if token in keep or not p.commit.done()}
+            return any(not p.commit.done() for p in self._pending.values())
 
 
 class Registry(pykka.ThreadingActor):
-    """Never blocks: reads of the log run on a thread of their own and come back as
-    messages; a failed read is retried by a timed message. While a token's read is
-    out, later requests for that token wait behind it (in order), other tokens do not.
-    """
+    """Unregistrations and dead-token verdicts: the decisions that need a token's state."""
 
     def __init__(self, journal: Journal, reader: LogReader, config: RegistryConfig, *,
-                 slots: threading.BoundedSemaphore,
+                 overlay: _Overlay, slots: threading.BoundedSemaphore,
                  clock_ms: Callable[[], int] = ev.now_ms) -> None:
         super().__init__()
-        self._journal, self._reader = journal, reader
+        self._journal, self._reader, self._overlay = journal, reader, overlay
         self._skew_ms = round(config.clock_skew * 1000)
         self._slots, self._clock_ms = slots, clock_ms
-        self._pending: dict[str, _Pending] = {}
-        self._waiting: dict[str, list[_Request]] = {}  # tokens whose read is out or due
+        # Tokens whose read is out or due: overlay.seq when it began, requests behind it.
+        self._waiting: dict[str, tuple[int, list[_Request]]] = {}
         self._unread: list[str] = []  # failed reads, retried at the retry timer
         self._pauses = RetryPauses()
         self._reads: ThreadPoolExecutor | None = None
@@ -155,6 +190,7 @@ class Registry(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="registry-read")
+        self._overlay.changed = True
         self._refresh_gauge()
 
     def on_stop(self) -> None:
@@ -164,14 +200,14 @@ class Registry(pykka.ThreadingActor):
         if self._reads is not None:
             self._reads.shutdown(wait=False, cancel_futures=True)
         stopped = RuntimeError("the registry stopped before reading the token's state")
-        for requests in self._waiting.values():
+        for _, requests in self._waiting.values():
             for request in requests:
                 self._finished(request)
                 request.reply.set_exception(stopped)
         self._waiting.clear()
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, (_Register, _Unregister, _Dead)):
+        if isinstance(message, (_Unregister, _Dead)):
             self._take(message)
         elif isinstance(message, _ReadDone):
             self._read_done(message)
@@ -190,79 +226,57 @@ class Registry(pykka.ThreadingActor):
         token = request.token
         waiting = self._waiting.get(token)
         if waiting is not None:
-            waiting.append(request)  # behind the read: order per token is kept
-        elif isinstance(request, _Register):
-            self._decide(request, None)  # a registration does not depend on the state
-        elif (pending := self._overlay(token)) is not None:
-            self._decide(request, (pending.active, pending.registered_at_ms))
-        else:
-            self._waiting[token] = [request]
-            self._read(token)
+            waiting[1].append(request)  # behind the read: order per token is kept
+            return
+        with self._overlay.lock:
+            pending = self._overlay.live(token)
+            if pending is not None:
+                self._decide(request, (pending.active, pending.registered_at_ms))
+                return
+            self._waiting[token] = (self._overlay.seq, [request])
+        self._read(token)
 
-    def _overlay(self, token: str) -> _Pending | None:
-        """Our latest event for the token while uncommitted; once settled the log decides."""
-        pending = self._pending.get(token)
-        if pending is not None and pending.commit.done():
-            del self._pending[token]
-            return None
-        return pending
-
-    def _decide(self, request: _Request, state: _TokenState | None) -> _TokenState | None:
-        """Act on one request given the token's state; returns the state after it."""
+    def _decide(self, request: _Request, state: _TokenState) -> _TokenState:
+        """Act on one request given the token's state (hold the overlay's lock); returns
+        the state after it."""
         self._finished(request)
-        if isinstance(request, _Register):
-            at_ms = self._clock_ms()
-            self._append(request, ev.device_registered(request.token, at_ms), (True, at_ms),
-                         metrics.REGISTRATIONS.inc)
-            return True, at_ms
-        active, registered_at_ms = state or (True, None)
+        active, registered_at_ms = state
         if isinstance(request, _Unregister):
             if not active:
                 self._settle_like_pending(request)
                 return state
             event = ev.device_unregistered(request.token, self._clock_ms(), ev.CAUSE_API)
-            self._append(request, event, (False, None),
-                         lambda: _count_unregistration(ev.CAUSE_API))
+            _chain(self._overlay.append(event, (False, None)), request.reply,
+                   lambda: _count_unregistration(ev.CAUSE_API))
             return False, None
-        return self._dead(request, active, registered_at_ms, state)
-
-    def _dead(self, request: _Dead, active: bool, registered_at_ms: int | None,
-              state: _TokenState | None) -> _TokenState | None:
         verdict = request.verdict
-        event = decide_dead_token(verdict, active=active, registered_at_ms=registered_at_ms,
-                                  clock_skew_ms=self._skew_ms, now_ms=self._clock_ms())
-        if event is None:
+        decision = decide_dead_token(verdict, active=active, registered_at_ms=registered_at_ms,
+                                     clock_skew_ms=self._skew_ms, now_ms=self._clock_ms())
+        if decision is None:
             self._settle_like_pending(request)
             return state
-        if event.type == ev.DEVICE_UNREGISTERED:
+        if decision.type == ev.DEVICE_UNREGISTERED:
             log.info("unregistering %s: APNs says %s", redact(verdict.token), verdict.cause)
-            self._append(request, event, (False, None),
-                         lambda: _count_unregistration(verdict.cause))
+            _chain(self._overlay.append(decision, (False, None)), request.reply,
+                   lambda: _count_unregistration(verdict.cause))
             return False, None
         log.info("keeping %s despite APNs' %s: it registered again after the verdict",
                  redact(verdict.token), verdict.cause)
-        _chain(self._journal.append([event]), request.reply, lambda: None)
+        _chain(self._journal.append([decision]), request.reply, lambda: None)
         return state
 
     def _finished(self, request: _Request) -> None:
         """The request leaves the Registry's hands: its slot is free again."""
-        if not isinstance(request, _Dead):
+        if isinstance(request, _Unregister):
             self._slots.release()
 
     def _settle_like_pending(self, request: _Request) -> None:
         """Nothing to write, but answer only once what we already wrote is committed."""
-        pending = self._overlay(request.token)
+        pending = self._overlay.live(request.token)
         if pending is None:
             request.reply.set_result(None)
         else:
             _chain(pending.commit, request.reply, lambda: None)
-
-    def _append(self, request: _Request, event: ev.Event, state: _TokenState,
-                on_success: Callable[[], None]) -> None:
-        commit = self._journal.append([event])
-        self._pending[request.token] = _Pending(*state, commit)
-        _chain(commit, request.reply, on_success)
-        self._gauge_changes()
 
     # --- reads, off the actor ---
 
@@ -291,18 +305,23 @@ class Registry(pykka.ThreadingActor):
                 self._retry_timer = self._timer(delay, _RetryReads())
             return
         self._pauses.reset()
-        state: _TokenState | None = message.state
-        for request in self._waiting.pop(message.token, []):
-            state = self._decide(request, state)
+        began, requests = self._waiting.pop(message.token, (0, []))
+        with self._overlay.lock:
+            later = self._overlay.since(message.token, began)
+            state = message.state if later is None else (later.active, later.registered_at_ms)
+            for request in requests:
+                state = self._decide(request, state)
 
     # --- the registered-devices gauge ---
 
     def _refresh_gauge(self) -> None:
-        """Count active devices in the projection (off the actor): the gauge follows the
-        log, not guesses. Settled overlay entries are dropped meanwhile."""
-        self._pending = {t: p for t, p in self._pending.items() if not p.commit.done()}
-        if self._pending:  # not all committed yet: count again once they are
-            self._gauge_changes()
+        """Count active devices in the projection (off the actor) if anything was appended
+        since the last count: the gauge follows the log, not guesses."""
+        self._gauge_timer = self._timer(GAUGE_REFRESH, _RefreshGauge())
+        if not self._overlay.changed:
+            return
+        # Settled entries are dropped; with some still unsettled, count again next time.
+        self._overlay.changed = self._overlay.sweep(self._waiting)
         assert self._reads is not None
         reader = self._reader
 
@@ -310,14 +329,11 @@ class Registry(pykka.ThreadingActor):
             try:
                 metrics.DEVICES_REGISTERED.set(reader.active_count())
             except psycopg.Error as exc:
+                self._overlay.changed = True
                 log.warning("cannot count registered devices (%s); the gauge waits", exc)
 
         with contextlib.suppress(RuntimeError):
             self._reads.submit(count)
-
-    def _gauge_changes(self) -> None:
-        if self._gauge_timer is None:
-            self._gauge_timer = self._timer(GAUGE_REFRESH, _RefreshGauge())
 
     def _timer(self, delay: float, message: object) -> threading.Timer:
         ref = self.actor_ref
@@ -328,7 +344,7 @@ class Registry(pykka.ThreadingActor):
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
-    with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile: overlay gone too
+    with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
         ref.tell(message)
 
 
@@ -350,23 +366,28 @@ def _count_unregistration(cause: str) -> None:
     metrics.UNREGISTRATIONS.labels(cause).inc()
 
 
+def _count_registration(commit: Future[Any]) -> None:
+    if not commit.cancelled() and commit.exception() is None:
+        metrics.REGISTRATIONS.inc()
+
+
 class RegistryHandle:
     """The DeviceRegistry implementation: thread-safe, returns concurrent futures.
 
     The handle outlives its actor: after a crash the supervisor calls `restart()` and
     everyone holding the handle (the HTTP API, the Sender shards) reaches the new actor.
-    The new actor's overlay starts empty, which is exact: whatever the old one appended
-    is in the Journal's hands and visible to `LogReader` once committed.
+    The overlay belongs to the handle, so the new actor sees what the old one appended.
 
-    `register` and `unregister` raise `RegistryBusy` when `mailbox` requests are already
-    in the actor's hands; dead-token verdicts are always taken (the run's window of
-    credit bounds them).
+    `unregister` raises `RegistryBusy` when `mailbox` requests are already in the actor's
+    hands; dead-token verdicts are always taken (the run's window of credit bounds them),
+    and a registration never waits in the actor.
     """
 
     def __init__(self, journal: Journal, reader: LogReader, config: RegistryConfig, *,
                  clock_ms: Callable[[], int] = ev.now_ms, mailbox: int = MAILBOX_BOUND) -> None:
         self._journal, self._reader, self._config = journal, reader, config
         self._clock_ms, self._mailbox = clock_ms, mailbox
+        self._overlay = _Overlay(journal)
         self._slots = threading.BoundedSemaphore(mailbox)
         self._ref: pykka.ActorRef[Registry] | None = None
 
@@ -386,10 +407,21 @@ class RegistryHandle:
         # Fresh slots: those of requests lost with a crashed actor would never come back.
         self._slots = threading.BoundedSemaphore(self._mailbox)
         self._ref = Registry.start(self._journal, self._reader, self._config,
-                                   slots=self._slots, clock_ms=self._clock_ms)
+                                   overlay=self._overlay, slots=self._slots,
+                                   clock_ms=self._clock_ms)
 
-    def register(self, token: str) -> Future[None]:
-        return self._send(_Register(token, Future()), bounded=True)
+    def register(self, token: str) -> Future[Any]:
+        """Appended at once, in the caller's thread; resolves after COMMIT."""
+        if not self.alive():
+            failed: Future[Any] = Future()
+            failed.set_exception(RuntimeError("the registry is not running"))
+            return failed
+        overlay = self._overlay
+        with overlay.lock:
+            at_ms = self._clock_ms()
+            commit = overlay.append(ev.device_registered(token, at_ms), (True, at_ms))
+        commit.add_done_callback(_count_registration)
+        return commit
 
     def unregister(self, token: str) -> Future[None]:
         return self._send(_Unregister(token, Future()), bounded=True)

@@ -167,9 +167,15 @@ def _relay(dsn: str) -> Iterator[str]:
         journal.stop(timeout=30)
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of another process so far (user + system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def _naive(admin_dsn: str) -> Iterator[str]:
-    """The naive endpoint as its own process on its own database; yields the POST URL."""
+def _naive(admin_dsn: str) -> Iterator[tuple[str, int]]:
+    """The naive endpoint as its own process on its own database: (POST URL, pid)."""
     with scratch_database(admin_dsn, "naive_bench") as name:
         process = subprocess.Popen(
             [sys.executable, "-m", "bench.peers.naive_registrations",
@@ -181,7 +187,7 @@ def _naive(admin_dsn: str) -> Iterator[str]:
             line = process.stdout.readline()
             if not line.startswith("listening on "):
                 raise RuntimeError(f"the naive endpoint did not start: {line!r}")
-            yield f"http://127.0.0.1:{int(line.split()[-1])}/devices"
+            yield f"http://127.0.0.1:{int(line.split()[-1])}/devices", process.pid
         finally:
             process.terminate()
             process.wait(10)
@@ -200,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     with migrated_database(args.dsn, "relay_bench") as dsn, \
             context.Pool(MAX_LOAD_PROCESSES) as pool:
         naive: dict[int, Figures] = {}
+        naive_cpu = 0.0
         if args.peer == "naive":
-            with _naive(args.dsn) as url:
+            with _naive(args.dsn) as (url, pid):
+                naive_cpu = _process_cpu(pid)
                 for clients in args.clients:
                     naive[clients] = _load(pool, url, clients, args.seconds)
+                naive_cpu = _process_cpu(pid) - naive_cpu
         relay: dict[int, Figures] = {}
         with _relay(dsn) as url:
             cpu = _cpu_seconds()
@@ -217,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             row = conn.execute(
                 "SELECT count(*) FROM events WHERE type = 'device_registered'").fetchone()
         logged = row[0] if row else 0
-    return _report(args, relay, naive, cpu, logged)
+    return _report(relay, naive, (cpu, naive_cpu), logged)
 
 
-def _report(args: argparse.Namespace, relay: dict[int, Figures], naive: dict[int, Figures],
-            cpu: float, logged: int) -> int:
+def _report(relay: dict[int, Figures], naive: dict[int, Figures],
+            cpu: tuple[float, float], logged: int) -> int:
     met = True
     print(f"\n{'clients':>7}  {'relay (mean events per commit)':<52}  {'naive':<40}  ratio  target")
     for clients, mine in relay.items():
@@ -242,8 +251,11 @@ def _report(args: argparse.Namespace, relay: dict[int, Figures], naive: dict[int
                   f"{'met' if ok else 'NOT met'}")
     counted = sum(f.count for f in relay.values())
     failures = sum((f.failures for f in [*relay.values(), *naive.values()]), Counter())
-    print(f"relay CPU: {cpu / max(1, counted) * 1e6:.0f} us per measured registration "
-          f"(warm-up included in the CPU); failures: {dict(failures) or 'none'}; "
+    print(f"server CPU per measured registration (warm-up included in the CPU): relay "
+          f"{cpu[0] / max(1, counted) * 1e6:.0f} us"
+          + (f", naive {cpu[1] / max(1, sum(f.count for f in naive.values())) * 1e6:.0f} us "
+             "(PostgreSQL not counted)" if naive else ""))
+    print(f"failures: {dict(failures) or 'none'}; "
           f"device_registered events: {logged} (>= {counted} expected)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0 if met and not failures and logged >= counted else 1

@@ -90,9 +90,9 @@ START_TIMEOUT = 30.0
 class DeviceRegistry(Protocol):
     """What the API needs from the Registry (`actors.registry.RegistryHandle`)."""
 
-    def register(self, token: str) -> concurrent.futures.Future[None]: ...
+    def register(self, token: str) -> concurrent.futures.Future[Any]: ...
 
-    def unregister(self, token: str) -> concurrent.futures.Future[None]: ...
+    def unregister(self, token: str) -> concurrent.futures.Future[Any]: ...
 
 
 class HealthSource(Protocol):
@@ -424,7 +424,7 @@ class _Api:
         except InvalidToken as exc:
             raise ApiError(400, "invalid_token", str(exc)) from None
 
-    async def _committed(self, action: Callable[[str], concurrent.futures.Future[None]],
+    async def _committed(self, action: Callable[[str], concurrent.futures.Future[Any]],
                          token: str) -> None:
         """Hand the token to the registry and wait for the COMMIT, boundedly."""
         if not self._health.database_available():
@@ -490,9 +490,9 @@ class _CommitWaits:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._resolved: list[tuple[asyncio.Future[None], concurrent.futures.Future[None]]] = []
+        self._resolved: list[tuple[asyncio.Future[None], concurrent.futures.Future[Any]]] = []
 
-    async def wait(self, commit: concurrent.futures.Future[None], timeout: float) -> None:
+    async def wait(self, commit: concurrent.futures.Future[Any], timeout: float) -> None:
         """Await `commit` for at most `timeout` seconds without ever cancelling it."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         timer = self._loop.call_later(timeout, _expire, waiter)
@@ -503,7 +503,7 @@ class _CommitWaits:
             timer.cancel()
 
     def _resolve(self, waiter: asyncio.Future[None],
-                 done: concurrent.futures.Future[None]) -> None:
+                 done: concurrent.futures.Future[Any]) -> None:
         """Any thread."""
         with self._lock:
             first = not self._resolved
