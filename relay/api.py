@@ -9,7 +9,8 @@ Endpoints (documented in `relay/openapi.json`, served at `GET /openapi.json`):
   and the registry does not tell whether the token was new. They answer only
   after the registry's future resolved, i.e. after the event's COMMIT. While the
   database is unreachable, or the commit does not come within a short bound,
-  the answer is 503 with `Retry-After`, never 2xx.
+  the answer is 503 with `Retry-After`, never 2xx; also (`registry_busy`) when
+  the Registry already holds as many unregistrations as it may.
 - `GET /config`, `GET /health` (200 healthy, 503 not), `GET /metrics`
   (Prometheus text; only on `http.metrics_listen` when that is set),
   `GET /openapi.json`.
