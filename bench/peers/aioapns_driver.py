@@ -3,8 +3,8 @@
     python -m bench.peers.aioapns_driver -n N --endpoint https://127.0.0.1:PORT
         --ca-file CA --key-file KEY --key-id ID --team-id TEAM --topic TOPIC
 
-One `APNs` client (token auth), `--in-flight` requests at a time (default 1,000), fresh
-random tokens. Prints `sent N ok M` at the end. Needs `pip install aioapns` (the bench
+One `APNs` client (token auth) with aioapns' default pool of 10 connections,
+`--in-flight` requests at a time (default 1,000), fresh random tokens. Prints `sent N ok M` at the end. Needs `pip install aioapns` (the bench
 installs it when missing: it is no dependency of the relay).
 """
 
@@ -58,7 +58,7 @@ def main() -> None:
     for option in ("endpoint", "ca-file", "key-file", "key-id", "team-id", "topic"):
         parser.add_argument(f"--{option}", required=True)
     parser.add_argument("--in-flight", type=int, default=1000)
-    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=10, help="aioapns' default")
     args = parser.parse_args()
     ok = asyncio.run(_send(args))
     print(f"sent {args.n} ok {ok}", flush=True)
