@@ -4,8 +4,9 @@
         --ca-file CA --key-file KEY --key-id ID --team-id TEAM --topic TOPIC
 
 One `APNs` client (token auth) with aioapns' default pool of 10 connections,
-`--in-flight` requests at a time (default 1,000), fresh random tokens. Prints `sent N ok M` at the end. Needs `pip install aioapns` (the bench
-installs it when missing: it is no dependency of the relay).
+`--in-flight` requests at a time (default 1,000), fresh random tokens. Prints
+`sent N ok M` at the end. Needs `pip install aioapns` (the bench installs it when
+missing: it is no dependency of the relay).
 """
 
 from __future__ import annotations
