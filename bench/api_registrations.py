@@ -1,18 +1,23 @@
-"""Registrations per second through the device API, with p50/p99 latency.
+"""Registrations per second through the device API, against a naive endpoint, same load.
 
 The relay side runs in this process exactly as the supervisor wires it: the real
 Journal (group commit) and Registry actor on real PostgreSQL, behind ApiServer.
-The load comes from separate processes (aiohttp clients, each with a number of
-concurrent keep-alive connections) over loopback, each POSTing fresh random
-tokens. A request counts when it answered 200, i.e. after its COMMIT; at the end
-the event log must hold one `device_registered` per counted request.
+With `--peer naive`, the naive endpoint (`bench/peers/naive_registrations.py`:
+aiohttp, one INSERT ... ON CONFLICT and COMMIT per request, a pool of 16
+connections) runs as its own process on its own scratch database. The load comes
+from separate processes (aiohttp, keep-alive connections in a closed loop, fresh
+random tokens) over loopback; at each level of concurrent clients both servers get
+the same load for the same time, one after the other. A request counts when it
+answered 200, i.e. after its COMMIT; at the end the relay's log must hold one
+`device_registered` per counted request.
 
-    python bench/api_registrations.py [--dsn ADMIN_DSN] [--processes 2]
-        [--connections 32] [--requests 20000]
+    python bench/api_registrations.py --peer naive [--clients 1 4 16 64] [--seconds 5]
+    python bench/api_registrations.py                # the relay alone
 
-ADMIN_DSN (default: $RELAY_TEST_DSN, else postgresql://postgres@127.0.0.1:5432/postgres)
-must be allowed to create databases; a scratch database is created and dropped.
-Target (issue 6): >= 2,000 registrations/s with p99 < 50 ms.
+ADMIN_DSN (--dsn; default $RELAY_TEST_DSN, else postgresql://postgres@127.0.0.1:5432/postgres)
+must be allowed to create databases; scratch databases are created and dropped.
+Targets (issue 14): >= 1.5x naive at 16 and 64 clients, >= 0.9x at 1 client, p99 < 50 ms
+at 64 clients.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import multiprocessing
 import os
 import resource
 import secrets
-import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,89 +46,104 @@ from actors.registry import RegistryHandle
 from bench.journal import migrated_database
 from events.journal import Journal
 from events.store import LogReader
+from relay import metrics
 from relay.api import ApiServer
 from relay.config import Config, HttpConfig
+from relay.database import scratch_database, with_dbname
 from relay.supervisor import freeze_startup_heap
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-WARMUP_PER_PROCESS = 200
-TARGET_RATE = 2000.0
-TARGET_P99 = 0.050
+WARMUP = 0.5  # seconds of load before measuring, at each level
+MAX_LOAD_PROCESSES = 2
+TARGETS = {1: 0.9, 16: 1.5, 64: 1.5}  # clients -> least ratio relay/naive
+TARGET_P99 = 0.050  # at 64 clients
 
 
 @dataclass
 class Load:
-    """What one load process measured (seconds, wall clock)."""
+    """What one load process measured (seconds)."""
 
     latencies: list[float] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
-    started: float = 0.0
-    finished: float = 0.0
 
 
-async def _drive(url: str, count: int, connections: int) -> Load:
+async def _drive(url: str, connections: int, seconds: float) -> Load:
     load = Load()
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def post(measure: bool) -> None:
-            started = time.perf_counter()
-            try:
-                async with session.post(url, json={"token": secrets.token_hex(32)}) as response:
-                    await response.read()
-                    status = response.status
-            except aiohttp.ClientError as exc:
-                load.failures[type(exc).__name__] += 1
-                return
-            if status != 200:
-                load.failures[str(status)] += 1
-            elif measure:
-                load.latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(post(False) for _ in range(WARMUP_PER_PROCESS)))
-        remaining = count
+        start = time.perf_counter()
+        measure_from, end = start + WARMUP, start + WARMUP + seconds
 
         async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                await post(True)
+            while (started := time.perf_counter()) < end:
+                try:
+                    async with session.post(url, json={"token": secrets.token_hex(32)}) as answer:
+                        await answer.read()
+                        status = answer.status
+                except aiohttp.ClientError as exc:
+                    load.failures[type(exc).__name__] += 1
+                    continue
+                if status != 200:
+                    load.failures[str(status)] += 1
+                elif started >= measure_from:
+                    load.latencies.append(time.perf_counter() - started)
 
-        load.started = time.time()
         await asyncio.gather(*(worker() for _ in range(connections)))
-        load.finished = time.time()
     return load
 
 
-def _load_process(url: str, count: int, connections: int, barrier: object) -> Load:
-    barrier.wait()  # type: ignore[attr-defined]
-    return asyncio.run(_drive(url, count, connections))
+def _load_process(url: str, connections: int, seconds: float) -> Load:
+    return asyncio.run(_drive(url, connections, seconds))
 
 
 def _cpu_seconds() -> float:
-    """CPU of this process (API, Registry and Journal threads; the load runs elsewhere)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get("RELAY_TEST_DSN", DEFAULT_ADMIN_DSN))
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--connections", type=int, default=32, help="per load process")
-    parser.add_argument("--requests", type=int, default=20000, help="measured, in total")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Figures:
+    rate: float
+    p50: float
+    p99: float
+    failures: Counter[str]
+    count: int
+    batch: float = 0.0  # mean events per group commit (the relay's)
 
-    with migrated_database(args.dsn, "relay_bench") as dsn:
-        return _measure(args, dsn)
+    def row(self) -> str:
+        return f"{self.rate:8.0f}/s  p50 {self.p50 * 1000:5.1f} ms  p99 {self.p99 * 1000:5.1f} ms"
 
 
-def _measure(args: argparse.Namespace, dsn: str) -> int:
+def _batches() -> tuple[float, float]:
+    """(events, commits) the Journal of this process has committed so far."""
+    total = count = 0.0
+    for metric in metrics.APPEND_BATCH_SIZE.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return total, count
+
+
+def _load(pool: multiprocessing.pool.Pool, url: str, clients: int, seconds: float) -> Figures:
+    processes = min(MAX_LOAD_PROCESSES, clients)
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    loads = pool.starmap(_load_process, [(url, share, seconds) for share in shares])
+    latencies = [x for load in loads for x in load.latencies]
+    failures: Counter[str] = sum((load.failures for load in loads), Counter())
+    return Figures(len(latencies) / seconds, _percentile(latencies, 0.5),
+                   _percentile(latencies, 0.99), failures, len(latencies))
+
+
+@contextmanager
+def _relay(dsn: str) -> Iterator[str]:
+    """The relay's Journal, Registry and API in this process; yields the POST URL."""
     config = replace(Config(), http=HttpConfig(listen=("127.0.0.1", 0), rate_limit=0))
     journal = Journal(dsn)
     journal.start()
@@ -137,45 +159,106 @@ def _measure(args: argparse.Namespace, dsn: str) -> int:
     server = ApiServer(config, registry, Health())
     server.start()
     freeze_startup_heap()  # as the supervisor does once its parts run
-    url = "http://{}:{}/devices".format(*server.bound_address)
     try:
-        context = multiprocessing.get_context("spawn")
-        barrier = context.Manager().Barrier(args.processes)
-        share = args.requests // args.processes
-        with context.Pool(args.processes) as pool:
-            cpu_before = _cpu_seconds()
-            loads = pool.starmap(_load_process, [(url, share, args.connections, barrier)
-                                                 for _ in range(args.processes)])
-        relay_cpu = _cpu_seconds() - cpu_before
+        yield "http://{}:{}/devices".format(*server.bound_address)
     finally:
         server.stop()
         registry.stop(timeout=30)
         journal.stop(timeout=30)
 
-    latencies = [x for load in loads for x in load.latencies]
-    failures: Counter[str] = sum((load.failures for load in loads), Counter())
-    wall = max(load.finished for load in loads) - min(load.started for load in loads)
-    with psycopg.connect(dsn) as conn:
-        logged = conn.execute(
-            "SELECT count(*) FROM events WHERE type = 'device_registered'").fetchone()
 
-    accepted = len(latencies) + args.processes * WARMUP_PER_PROCESS - sum(failures.values())
-    rate = len(latencies) / wall
-    p50, p99 = _percentile(latencies, 0.50), _percentile(latencies, 0.99)
-    print(f"load: {args.processes} processes x {args.connections} connections, "
-          f"{len(latencies)} measured registrations in {wall:.2f} s")
-    print(f"registrations/s: {rate:.0f}")
-    print(f"latency: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
-          f"mean {statistics.fmean(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
-    total = len(latencies) + args.processes * WARMUP_PER_PROCESS
-    print(f"relay CPU: {relay_cpu:.2f} s, {relay_cpu / total * 1e6:.0f} us per registration "
-          f"(a bound of {total / relay_cpu:.0f}/s per relay CPU-second)")
-    print(f"failures: {dict(failures) or 'none'}; device_registered events: "
-          f"{logged[0] if logged else 0} (expected >= {accepted})")
-    met = rate >= TARGET_RATE and p99 < TARGET_P99
-    print(f"target (>= {TARGET_RATE:.0f}/s, p99 < {TARGET_P99 * 1000:.0f} ms): "
-          f"{'met' if met else 'NOT met'}")
-    return 0 if met and not failures else 1
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of another process so far (user + system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def _naive(admin_dsn: str) -> Iterator[tuple[str, int]]:
+    """The naive endpoint as its own process on its own database: (POST URL, pid)."""
+    with scratch_database(admin_dsn, "naive_bench") as name:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.peers.naive_registrations",
+             "--dsn", with_dbname(admin_dsn, name)],
+            stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parent.parent)
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line.startswith("listening on "):
+                raise RuntimeError(f"the naive endpoint did not start: {line!r}")
+            yield f"http://127.0.0.1:{int(line.split()[-1])}/devices", process.pid
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", default=os.environ.get("RELAY_TEST_DSN", DEFAULT_ADMIN_DSN))
+    parser.add_argument("--peer", choices=["naive"], help="also load the naive endpoint")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured, per level")
+    args = parser.parse_args(argv)
+
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with migrated_database(args.dsn, "relay_bench") as dsn, \
+            context.Pool(MAX_LOAD_PROCESSES) as pool:
+        naive: dict[int, Figures] = {}
+        naive_cpu = 0.0
+        if args.peer == "naive":
+            with _naive(args.dsn) as (url, pid):
+                naive_cpu = _process_cpu(pid)
+                for clients in args.clients:
+                    naive[clients] = _load(pool, url, clients, args.seconds)
+                naive_cpu = _process_cpu(pid) - naive_cpu
+        relay: dict[int, Figures] = {}
+        with _relay(dsn) as url:
+            cpu = _cpu_seconds()
+            for clients in args.clients:
+                events, commits = _batches()
+                figures = _load(pool, url, clients, args.seconds)
+                events, commits = _batches()[0] - events, _batches()[1] - commits
+                relay[clients] = replace(figures, batch=events / max(1.0, commits))
+            cpu = _cpu_seconds() - cpu
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM events WHERE type = 'device_registered'").fetchone()
+        logged = row[0] if row else 0
+    return _report(relay, naive, (cpu, naive_cpu), logged)
+
+
+def _report(relay: dict[int, Figures], naive: dict[int, Figures],
+            cpu: tuple[float, float], logged: int) -> int:
+    met = True
+    print(f"\n{'clients':>7}  {'relay (mean events per commit)':<52}  {'naive':<40}  ratio  target")
+    for clients, mine in relay.items():
+        theirs = naive.get(clients)
+        line = f"{clients:>7}  {mine.row() + f'  batch {mine.batch:4.1f}':<52}  "
+        if theirs is not None:
+            ratio = mine.rate / theirs.rate if theirs.rate else float("inf")
+            target = TARGETS.get(clients)
+            ok = target is None or ratio >= target
+            met &= ok
+            line += f"{theirs.row():<40}  {ratio:4.2f}x  " + (
+                f">= {target}x {'met' if ok else 'NOT met'}" if target else "")
+        print(line)
+        if clients == 64:
+            ok = mine.p99 < TARGET_P99
+            met &= ok
+            print(f"{'':>7}  p99 at 64 clients < {TARGET_P99 * 1000:.0f} ms: "
+                  f"{'met' if ok else 'NOT met'}")
+    counted = sum(f.count for f in relay.values())
+    failures = sum((f.failures for f in [*relay.values(), *naive.values()]), Counter())
+    print(f"server CPU per measured registration (warm-up included in the CPU): relay "
+          f"{cpu[0] / max(1, counted) * 1e6:.0f} us"
+          + (f", naive {cpu[1] / max(1, sum(f.count for f in naive.values())) * 1e6:.0f} us "
+             "(PostgreSQL not counted)" if naive else ""))
+    print(f"failures: {dict(failures) or 'none'}; "
+          f"device_registered events: {logged} (>= {counted} expected)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0 if met and not failures and logged >= counted else 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 
 Every component appends through `Journal.append`, which never blocks: the events
 are encoded in the caller's thread and queued. One writer thread takes whatever is
-queued (up to `max_batch` events, waiting at most `max_delay` after the oldest
-request for more to arrive) and writes it in ONE transaction:
+queued (up to `max_batch` events) and writes it in ONE transaction:
 
     lock the head row (FOR UPDATE)  -> positions head+1.. and the previous hash
     COPY the events (binary)        -> the insert trigger moves the head and checks
@@ -14,7 +13,13 @@ request for more to arrive) and writes it in ONE transaction:
     COMMIT                          -> then, and only then, resolve the futures
 
 One commit per batch instead of per event is what makes the log fast (the fsync is
-shared); appenders that arrive while a transaction runs form the next batch.
+shared); appenders that arrive while a transaction runs form the next batch. The
+writer never waits for a batch to fill: an idle writer commits a lone request at
+once, and batches form only under load, from what queued during the previous commit.
+
+An idle writer checks the database every `PROBE_EVERY` seconds (one `SELECT 1`), so
+`database_available` (and /health) turns false soon after the database goes away even
+when nothing is written, and true again once it answers.
 
 Decisions under the lock (`append_decided`): an event that depends on a token's
 registration (APNs called the token dead: unregister it, or keep it because the
@@ -83,16 +88,27 @@ BATCH_RETENTION = "7 days"
 PRUNE_EVERY = 1000
 
 # Most events per group-commit transaction. A batch only grows this large when appenders
-# outpace the writer (else max_delay ends it first), and then each transaction's fixed
+# outpace the writer, and then each transaction's fixed
 # cost (head lock, MERGE round trip, fsync) is what limits: bench/journal.py gave ~45k
 # events/s at 1,000 and ~58k at 4,000 on a 2-core machine.
 MAX_BATCH = 4000
+# How long the writer may stay idle before it checks that the database still answers
+# (/health must turn 503 within 5 s of losing it when nothing is written).
+PROBE_EVERY = 1.0
 # Events per transaction of `append_bulk`.
 BULK_CHUNK = 50_000
 # Events per chunk written to the COPY stream (about 45 KB): the server stores one
 # chunk while the writer hashes the next.
 COPY_CHUNK_EVENTS = 128
 _COPY_EVENTS = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
+# Batches of at most this many events go in with one INSERT inside the commit's pipeline
+# instead of a COPY (a COPY cannot be pipelined): two round trips fewer, which is most of
+# what a lone request waits for on a busy machine. Beyond it, COPY's lower cost per
+# event wins.
+INSERT_MAX_EVENTS = 64
+_INSERT_EVENTS = ("INSERT INTO events (position, type, token, run, body, hash)"
+                  " SELECT * FROM unnest(%b::int8[], %b::text[], %b::text[], %b::int8[],"
+                  " %b::bytea[], %b::bytea[])")
 _ROW_START = struct.Struct(">hiq").pack  # 6 fields, then the position (8 bytes)
 _INT4 = struct.Struct(">i").pack
 _HASH_LENGTH = _INT4(32)
@@ -137,9 +153,9 @@ def _is_transient(exc: psycopg.Error) -> bool:
 
 
 def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int,
-                 previous: bytes) -> tuple[int, projection.BatchPatch]:
+                 previous: bytes) -> tuple[int, bytes, projection.BatchPatch]:
     """COPY events after the locked head (position `head`, hash `previous`); returns the
-    last position and the batch's patch of the cache tables, still to be applied."""
+    last position and hash and the batch's patch of the cache tables, still to be applied."""
     position = head
     sha256, start, int4 = codec.chain_hash, _ROW_START, _INT4
     with cur.copy(_COPY_EVENTS) as copy:
@@ -158,7 +174,28 @@ def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int
         rows.append(codec.COPY_TRAILER)
         copy.write(b"".join(rows))
         patch = projection.BatchPatch((event.type, event.data) for event in events)
-    return position, patch
+    return position, previous, patch
+
+
+def _event_columns(events: Sequence[_Encoded], head: int, previous: bytes
+                   ) -> tuple[int, bytes, projection.BatchPatch, list[list[Any]]]:
+    """`_copy_events` for `_INSERT_EVENTS`: the last position and hash, the patch (its
+    rows inline), and the events as column arrays (position, type, token, run, body, hash)."""
+    columns: list[list[Any]] = [[], [], [], [], [], []]
+    positions, types, tokens, runs, bodies, hashes = columns
+    position, sha256 = head, codec.chain_hash
+    for event in events:
+        position += 1
+        body = b"%s%d%s" % (event.prefix, position, event.suffix)
+        previous = sha256(previous, body)
+        positions.append(position)
+        types.append(event.type)
+        tokens.append(event.data.get("token"))
+        runs.append(event.data.get("run"))
+        bodies.append(body)
+        hashes.append(previous)
+    patch = projection.BatchPatch(((event.type, event.data) for event in events), inline=True)
+    return position, previous, patch, columns
 
 
 def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
@@ -208,7 +245,7 @@ def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -
             with conn.cursor() as cur:
                 row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
                 assert row is not None, "log_head has exactly one row"
-                _, patch = _copy_events(cur, batch, row[0], row[1])
+                _, _, patch = _copy_events(cur, batch, row[0], row[1])
                 patch.copy(cur)
                 patch.merge(cur)
             conn.commit()
@@ -234,8 +271,10 @@ def append_first(dsn: str, event: Event) -> bool:
 class Journal:
     """The one writer of the event log (see the module docstring for the protocol)."""
 
-    def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.005,
+    def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.0,
                  unsettled: Path | None = None) -> None:
+        """`max_delay`: extra seconds to wait for a batch to fill after its first request;
+        0 (no wait) serves every load best, larger values only help tests hold a batch."""
         self._dsn = dsn
         self._unsettled = unsettled  # where batch ids whose COMMIT is in doubt are kept
         self._commit_sent = False  # the current attempt's COMMIT may have reached the server
@@ -248,6 +287,7 @@ class Journal:
         self._stop_deadline = float("inf")
         self._available = True
         self._conn: psycopg.Connection[Any] | None = None
+        self._head: tuple[int, bytes] | None = None  # (position, hash) our last commit left
         self._batches = 0
 
     def start(self) -> None:
@@ -371,17 +411,21 @@ class Journal:
     # --- the writer thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: list[_Request] = []
+        batch: list[_Request] | None = []
         try:
             while True:
                 batch = self._take_batch()
-                if not batch:
+                if batch is None:
+                    self._probe()
+                elif not batch:
                     return
-                self._commit(batch)
+                else:
+                    self._commit(batch)
         except Exception as exc:
             # A bug, not the database (its errors are handled in _commit): that batch may
             # be the cause, so it is failed, not retried; its callers see an error, never
             # a success. Whatever is queued waits for the supervisor's `restart`.
+            batch = batch or []
             log.critical("the Journal's writer crashed on a batch of %d events",
                          sum(len(r.events) for r in batch), exc_info=True)
             self._fail([r for r in batch if not r.future.done()],
@@ -389,13 +433,16 @@ class Journal:
         finally:
             self._discard_connection()
 
-    def _take_batch(self) -> list[_Request]:
-        """Block for the first request, then gather more until full or max_delay passed."""
+    def _take_batch(self) -> list[_Request] | None:
+        """Wait for a request, then take what is queued (up to max_batch events); [] when
+        stopping with nothing queued, None after PROBE_EVERY idle seconds."""
         batch: list[_Request] = []
         count = 0
         with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
+            if not self._queue and not self._stopping:
+                self._cond.wait(PROBE_EVERY)
+                if not self._queue and not self._stopping:
+                    return None
             if not self._queue:
                 return batch
             deadline = self._queue[0].enqueued + self._max_delay
@@ -442,21 +489,57 @@ class Journal:
             self._resolve(batch, positions)
             return
 
-    def _write(self, batch: list[_Request], batch_id: uuid.UUID, retrying: bool) -> int:
-        """One attempt; returns the position of the batch's first event."""
+    def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None:
             self._conn = connect(
                 self._dsn, application_name="relay-journal", **KEEPALIVES,
                 options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
             )
             projection.prepare(self._conn)
-        conn = self._conn
+        return self._conn
+
+    def _probe(self) -> None:
+        """Idle: does the database still answer? (Connects again when it was lost.)"""
+        try:
+            conn = self._connection()
+            conn.execute("SELECT 1")
+            conn.rollback()
+        except psycopg.Error as exc:
+            self._discard_connection()
+            if self._available:
+                log.warning("the event log's database does not answer: %s",
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else
+                            type(exc).__name__)
+            self._set_available(False)
+            return
+        self._set_available(True)
+
+    def _write(self, batch: list[_Request], batch_id: uuid.UUID, retrying: bool) -> int:
+        """One attempt; returns the position of the batch's first event.
+
+        A small batch after one of ours that committed, with no decision to take under
+        the lock, is written in ONE round trip: the head we left is assumed, and if
+        another writer moved it meanwhile the insert trigger refuses the batch (a
+        duplicate position, or a chain that does not continue), which only sends us the
+        usual way: lock and read the head first.
+        """
+        conn = self._connection()
         self._commit_sent = False
+        deciding = any(request.decide is not None for request in batch)
+        events = [event for request in batch for event in request.events]
+        small = len(events) <= INSERT_MAX_EVENTS and not deciding
+        known, self._head = (None if retrying else self._head), None
         with conn.cursor() as cur:
-            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+            if known is not None and small:
+                try:
+                    return self._write_events(conn, cur, events, batch_id, known, locked=False)
+                except (psycopg.errors.UniqueViolation, psycopg.errors.RestrictViolation):
+                    conn.rollback()  # another writer moved the head: refused, not in doubt
+                    self._commit_sent = False
+            with conn.pipeline():  # BEGIN and the head's lock: one round trip
+                cur.execute("SELECT position, hash FROM log_head FOR UPDATE")
+            row = cur.fetchone()
             assert row is not None, "log_head has exactly one row (schema/001_event_log.sql)"
-            head: int = row[0]
-            previous: bytes = row[1]
             if retrying:
                 # The head lock is ours, so an earlier attempt of this batch is over:
                 # committed (then recorded here) or rolled back.
@@ -466,26 +549,44 @@ class Journal:
                     conn.rollback()
                     log.info("batch %s had committed before the connection was lost", batch_id)
                     return int(found[0])
-            if any(request.decide is not None for request in batch):
+            head = (int(row[0]), bytes(row[1]))
+            if deciding:
                 _decide(cur, batch)
-            events = [event for request in batch for event in request.events]
-            if not events:  # every decision was: nothing to write
-                conn.rollback()
-                return head + 1
-            first = head + 1
-            position, patch = _copy_events(cur, events, head, previous)
+                events = [event for request in batch for event in request.events]
+                if not events:  # every decision was: nothing to write
+                    conn.rollback()
+                    self._head = head
+                    return head[0] + 1
+            return self._write_events(conn, cur, events, batch_id, head, locked=True)
+
+    def _write_events(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
+                      events: list[_Encoded], batch_id: uuid.UUID, head: tuple[int, bytes], *,
+                      locked: bool) -> int:
+        """The batch after `head`, up to COMMIT; `locked`: the head lock is already ours."""
+        first = head[0] + 1
+        rows: list[list[Any]] | None = None
+        if len(events) <= INSERT_MAX_EVENTS:
+            position, last, patch, rows = _event_columns(events, *head)
+        else:
+            position, last, patch = _copy_events(cur, events, *head)
             patch.copy(cur)
-            # The rest returns nothing: one round trip up to and including COMMIT.
-            self._commit_sent = True
-            with conn.pipeline():
-                patch.merge(cur)
-                cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
-                            " VALUES (%s, %s, %s)", (batch_id, first, position))
-                self._batches += 1
-                if self._batches % PRUNE_EVERY == 0:
-                    cur.execute("DELETE FROM journal_batches"
-                                " WHERE committed_at < now() - %s::interval", (BATCH_RETENTION,))
-                conn.commit()
+        # The rest returns nothing: one round trip up to and including COMMIT, whose
+        # fate is in doubt from here if the connection is lost before its answer.
+        self._commit_sent = True
+        with conn.pipeline():
+            if not locked:
+                cur.execute("SELECT 1 FROM log_head FOR UPDATE")
+            if rows is not None:
+                cur.execute(_INSERT_EVENTS, rows)
+            patch.merge(cur)
+            cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
+                        " VALUES (%s, %s, %s)", (batch_id, first, position))
+            self._batches += 1
+            if self._batches % PRUNE_EVERY == 0:
+                cur.execute("DELETE FROM journal_batches"
+                            " WHERE committed_at < now() - %s::interval", (BATCH_RETENTION,))
+            conn.commit()
+        self._head = (position, last)
         return first
 
     def _stopped_with(self, batch: list[_Request], batch_id: uuid.UUID, in_doubt: bool) -> None:
@@ -515,6 +616,7 @@ class Journal:
             return now < self._stop_deadline
 
     def _discard_connection(self) -> None:
+        self._head = None
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()

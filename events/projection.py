@@ -280,14 +280,21 @@ _COPY_PATCH = (
 # decides (the mask), tokens new to it get the whole row (KEEP columns arrive holding
 # NEW_DEVICE's values). MERGE (PostgreSQL 15+) probes the primary key once per token,
 # where UPDATE ... FROM then INSERT ... ON CONFLICT probed twice for every new token.
-_MERGE_PATCH = (
-    f"MERGE INTO devices d USING {PATCH_TABLE} p ON d.token = p.token"
+_MERGE_FROM = (
+    "MERGE INTO devices d USING {source} p ON d.token = p.token"
     " WHEN MATCHED THEN UPDATE SET "
     + ", ".join(f"{c} = CASE WHEN p.mask & {1 << i} <> 0 THEN p.{c} ELSE d.{c} END"
                 for i, c in enumerate(DEVICE_COLUMNS))
     + f" WHEN NOT MATCHED THEN INSERT (token, {', '.join(DEVICE_COLUMNS)})"
     f" VALUES (p.token, {', '.join('p.' + c for c in DEVICE_COLUMNS)})"
 )
+_MERGE_PATCH = _MERGE_FROM.format(source=PATCH_TABLE)
+# The same from column arrays, for a patch small enough to travel as parameters: no COPY,
+# so the whole statement can join the caller's pipeline.
+_MERGE_INLINE = _MERGE_FROM.format(source=(
+    "(SELECT * FROM unnest(%b::int4[], %b::text[], %b::bool[], %b::int8[], %b::int8[],"
+    " %b::text[], %b::int8[], %b::int4[], %b::int8[], %b::text[], %b::text[])"
+    f" AS u(mask, token, {', '.join(DEVICE_COLUMNS)}))"))
 _RUN_ARRAYS = ("SELECT * FROM unnest(%b::int8[], %b::int8[], %b::int8[], %b::int4[], %b::int4[],"
                " %b::int4[], %b::int4[], %b::int4[], %b::int4[], %b::int4[])")
 # `State.merge` for runs, in SQL, so a batch writes its runs without reading them first.
@@ -335,26 +342,37 @@ class BatchPatch:
     its own up to COMMIT.
     """
 
-    __slots__ = ("device_count", "device_rows", "runs")
+    __slots__ = ("device_columns", "device_count", "device_rows", "runs")
 
-    def __init__(self, batch: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+    def __init__(self, batch: Iterable[tuple[str, Mapping[str, Any]]], *,
+                 inline: bool = False) -> None:
+        """`inline`: the device rows travel as parameters of the MERGE (no `copy` step),
+        for a small batch whose transaction is one pipeline."""
         state = State(patch=True)
         apply = state.apply
         for type_, data in batch:
             apply(type_, data)
-        self.device_rows, self.device_count = _patch_rows(state)
+        self.device_columns: list[list[Any]] | None = None
+        if inline:
+            self.device_columns = _patch_columns(state)
+            self.device_rows, self.device_count = b"", len(self.device_columns[0])
+        else:
+            self.device_rows, self.device_count = _patch_rows(state)
         self.runs = _run_columns(
             (number, (None if started is KEEP else started, None if finished is KEEP else finished,
                       0 if tokens is KEEP else tokens, *counts))
             for number, (started, finished, tokens, *counts) in state.runs.items())
 
     def copy(self, cur: psycopg.Cursor[Any]) -> None:
-        if self.device_count:
+        if self.device_count and self.device_columns is None:
             with cur.copy(_COPY_PATCH) as copy:
                 copy.write(self.device_rows)
 
     def merge(self, cur: psycopg.Cursor[Any]) -> None:
-        if self.device_count:
+        if self.device_columns is not None:
+            if self.device_count:
+                cur.execute(_MERGE_INLINE, self.device_columns, prepare=False)
+        elif self.device_count:
             # Planned afresh each time (no prepared statement): a generic plan made while
             # `devices` was small would keep scanning it whole as it grows.
             cur.execute(_MERGE_PATCH, prepare=False)
@@ -422,6 +440,22 @@ def _patch_rows(patch: State) -> tuple[bytes, int]:
                   text(apns_id), text(final))
     parts.append(codec.COPY_TRAILER)
     return b"".join(parts), rows
+
+
+def _patch_columns(patch: State) -> list[list[Any]]:
+    """The rows of `_patch_rows` as column arrays (mask, token, DEVICE_COLUMNS...)."""
+    columns: list[list[Any]] = [[] for _ in range(2 + len(DEVICE_COLUMNS))]
+    for token, row in patch.devices.items():
+        mask = 0
+        values = list(row)
+        for i, value in enumerate(row):
+            if value is KEEP:
+                values[i] = NEW_DEVICE[i]
+            else:
+                mask |= 1 << i
+        for column, value in zip(columns, (mask, token, *values), strict=True):
+            column.append(value)
+    return columns
 
 
 def write_runs(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, RunRow]]) -> None:

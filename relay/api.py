@@ -9,7 +9,8 @@ Endpoints (documented in `relay/openapi.json`, served at `GET /openapi.json`):
   and the registry does not tell whether the token was new. They answer only
   after the registry's future resolved, i.e. after the event's COMMIT. While the
   database is unreachable, or the commit does not come within a short bound,
-  the answer is 503 with `Retry-After`, never 2xx.
+  the answer is 503 with `Retry-After`, never 2xx; also (`registry_busy`) when
+  the Registry already holds as many unregistrations as it may.
 - `GET /config`, `GET /health` (200 healthy, 503 not), `GET /metrics`
   (Prometheus text; only on `http.metrics_listen` when that is set),
   `GET /openapi.json`.
@@ -54,6 +55,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from actors.registry import RegistryBusy
 from relay import NAME, __version__
 from relay.config import ApnsConfig, Config
 from relay.metrics import REGISTRY
@@ -68,7 +70,8 @@ access_log = logging.getLogger("relay.api.access")
 # http.request_timeout). The Journal retries a lost database for up to 30 s per
 # attempt; a client is better served by a prompt 503 and its own retry.
 COMMIT_WAIT_CAP = 5.0
-# What we suggest to clients when the database is unavailable or we are full.
+# What we suggest to clients when the database is unavailable, or we (or the Registry's
+# mailbox) are full.
 RETRY_AFTER_UNAVAILABLE = 5
 RETRY_AFTER_OVERLOADED = 1
 # After an answer, how long we keep draining an unread request body so the
@@ -88,9 +91,9 @@ START_TIMEOUT = 30.0
 class DeviceRegistry(Protocol):
     """What the API needs from the Registry (`actors.registry.RegistryHandle`)."""
 
-    def register(self, token: str) -> concurrent.futures.Future[None]: ...
+    def register(self, token: str) -> concurrent.futures.Future[Any]: ...
 
-    def unregister(self, token: str) -> concurrent.futures.Future[None]: ...
+    def unregister(self, token: str) -> concurrent.futures.Future[Any]: ...
 
 
 class HealthSource(Protocol):
@@ -311,6 +314,7 @@ class _Api:
         self._openapi = openapi
         self._limiter = RateLimiter(self._http.rate_limit, self._http.rate_burst)
         self._commit_wait = min(self._http.request_timeout, COMMIT_WAIT_CAP)
+        self._waits: _CommitWaits | None = None  # made on the loop, at the first request
 
     def public_app(self) -> web.Application:
         app = self._new_app()
@@ -424,18 +428,23 @@ class _Api:
         except InvalidToken as exc:
             raise ApiError(400, "invalid_token", str(exc)) from None
 
-    async def _committed(self, action: Callable[[str], concurrent.futures.Future[None]],
+    async def _committed(self, action: Callable[[str], concurrent.futures.Future[Any]],
                          token: str) -> None:
         """Hand the token to the registry and wait for the COMMIT, boundedly."""
         if not self._health.database_available():
             self._unavailable("database_unavailable", "the event log's database is unreachable")
         try:
             commit = action(token)
+        except RegistryBusy:
+            raise ApiError(503, "registry_busy", "the registry holds as many requests as it "
+                           "may; retry shortly", retry_after=RETRY_AFTER_OVERLOADED) from None
         except Exception:
             log.exception("registry refused %s", redact(token))
             self._unavailable("registry_unavailable", "the registry is not running")
+        if self._waits is None:
+            self._waits = _CommitWaits(asyncio.get_running_loop())
         try:
-            await _bounded(commit, self._commit_wait)
+            await self._waits.wait(commit, self._commit_wait)
         except asyncio.TimeoutError:
             log.warning("no commit within %gs for %s", self._commit_wait, redact(token))
             self._unavailable("commit_timeout",
@@ -481,38 +490,56 @@ class _Api:
         return web.Response(body=self._openapi, content_type=JSON_TYPE)
 
 
-async def _bounded(commit: concurrent.futures.Future[None], timeout: float) -> None:
-    """Await a registry future for at most `timeout` seconds without ever cancelling it.
+class _CommitWaits:
+    """Awaits registry futures on the API's loop, waking the loop once per burst.
 
-    Cheaper than wait_for(shield(wrap_future(...))): one loop future and one timer,
-    no tasks, on the hottest path of the API.
+    The futures resolve on the Journal's thread, a whole batch at a time. Waking the
+    loop for each (`call_soon_threadsafe`: a write to its self-pipe and a GIL hand-over)
+    was a large share of the API's CPU under load; here the first resolution of a burst
+    schedules one call that settles every waiter resolved so far.
     """
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
 
-    def settle(done: concurrent.futures.Future[None]) -> None:
-        if waiter.done():
-            return
-        error = concurrent.futures.CancelledError() if done.cancelled() else done.exception()
-        if error is None:
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(error)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._resolved: list[tuple[asyncio.Future[None], concurrent.futures.Future[Any]]] = []
 
-    def expire() -> None:
-        if not waiter.done():
-            waiter.set_exception(asyncio.TimeoutError())
+    async def wait(self, commit: concurrent.futures.Future[Any], timeout: float) -> None:
+        """Await `commit` for at most `timeout` seconds without ever cancelling it."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, waiter)
+        commit.add_done_callback(lambda done: self._resolve(waiter, done))
+        try:
+            await waiter
+        finally:
+            timer.cancel()
 
-    timer = loop.call_later(timeout, expire)
-    def wake(done: concurrent.futures.Future[None]) -> None:
-        if not loop.is_closed():  # the server stopped meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(settle, done)
+    def _resolve(self, waiter: asyncio.Future[None],
+                 done: concurrent.futures.Future[Any]) -> None:
+        """Any thread."""
+        with self._lock:
+            first = not self._resolved
+            self._resolved.append((waiter, done))
+        if first and not self._loop.is_closed():  # closed: the server stopped, nobody waits
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._settle)
 
-    commit.add_done_callback(wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
+    def _settle(self) -> None:
+        with self._lock:
+            resolved, self._resolved = self._resolved, []
+        for waiter, done in resolved:
+            if waiter.done():
+                continue
+            error = concurrent.futures.CancelledError() if done.cancelled() else done.exception()
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 def openapi_document() -> bytes:

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 import schemathesis
+from test_journal import Proxy
 
 import relay
 from actors.registry import RegistryHandle
@@ -688,3 +689,43 @@ def test_registrations_are_counted_in_metrics(real_server: ApiServer) -> None:
     assert client.unregister("77" * 32)[0] == 200
     assert counter("relay_registrations_total") == registered + 1
     assert counter('relay_unregistrations_total{cause="api"}') == unregistered + 1
+
+
+def test_a_full_registry_mailbox_is_503_with_retry_after(dsn: str) -> None:
+    """Reads of the log cut off (a proxy), the one slot held by an unregistration waiting
+    for its read: the next one is refused at once, not queued behind it."""
+    proxy = Proxy(dsn)
+    journal = Journal(dsn)
+    journal.start()
+    reader = LogReader(proxy.dsn)
+    registry = RegistryHandle.start(journal, reader, BASE_CONFIG.registry, mailbox=1)
+
+    class JournalHealth:
+        def database_available(self) -> bool:
+            return journal.database_available
+
+        def worker_alive(self) -> bool:
+            return True
+
+    server = ApiServer(BASE_CONFIG, registry, JournalHealth())
+    server.start()
+    try:
+        client = Client(server.bound_address)
+        assert client.register(TOKEN)[0] == 200
+        proxy.cut()
+        held = registry.unregister(TOKEN)
+        started = time.monotonic()
+        answer = client.unregister("78" * 32)
+        assert time.monotonic() - started < 1.0
+        body = assert_error(answer, 503, "registry_busy")
+        assert int(answer[1]["Retry-After"]) >= 1, body
+        assert client.register("79" * 32)[0] == 200  # registrations never wait in it
+        proxy.restore()
+        held.result(10)
+        assert client.unregister("78" * 32)[0] == 200
+    finally:
+        server.stop()
+        registry.stop(timeout=10)
+        journal.stop(timeout=10)
+        reader.close()
+        proxy.close()

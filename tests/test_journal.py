@@ -15,6 +15,7 @@ import pytest
 from psycopg import conninfo
 
 from events import codec
+from events import journal as journal_module
 from events import types as ev
 from events.journal import Journal, JournalError, JournalStopped, append_bulk
 from relay import database
@@ -329,3 +330,53 @@ def test_connection_lost_during_commit_neither_duplicates_nor_loses(
     with psycopg.connect(dsn) as conn:
         tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
     assert tokens == [f"{i:064x}" for i in range(12)]
+
+
+def test_an_idle_journal_notices_a_lost_database_and_its_return(
+        dsn: str, proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is written, yet database_available (and so /health) follows the database."""
+    monkeypatch.setattr(journal_module, "PROBE_EVERY", 0.1)
+    j = Journal(proxy.dsn)
+    j.start()
+    try:
+        assert j.append([registered(0)]).result(10) == [1]
+        proxy.cut()
+        wait_for(lambda: not j.database_available, timeout=5)
+        proxy.restore()
+        wait_for(lambda: j.database_available, timeout=5)
+        assert j.append([registered(1)]).result(10) == [2]
+    finally:
+        j.stop(5)
+
+
+def test_a_lone_append_does_not_wait_for_company(dsn: str) -> None:
+    """An idle writer commits at once: with max_delay 0 (the default) a batch never waits
+    to fill, so sequential appends are one commit each."""
+    j = Journal(dsn)
+    j.start()
+    try:
+        for i in range(5):
+            assert j.append([registered(i)]).result(10) == [i + 1]
+    finally:
+        j.stop(5)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM journal_batches").fetchone()
+    assert row is not None and row[0] == 5
+
+
+def test_a_small_batch_after_another_writer_moved_the_head_is_written_after_it(
+        dsn: str) -> None:
+    """The one-round-trip write assumes the head our last commit left; another writer's
+    commit in between makes the trigger refuse it, and the batch goes in after that."""
+    j = Journal(dsn)
+    j.start()
+    try:
+        assert j.append([registered(0)]).result(10) == [1]
+        assert append_bulk(dsn, [registered(i) for i in range(1, 4)]) == 3
+        assert j.append([registered(4)]).result(10) == [5]
+        assert j.append([registered(5)]).result(10) == [6]
+    finally:
+        j.stop(5)
+    with psycopg.connect(dsn) as conn:
+        tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
+    assert tokens == [f"{i:064x}" for i in range(6)]

@@ -10,14 +10,15 @@ from typing import Any
 import psycopg
 import pykka
 import pytest
+from test_journal import Proxy
 
 from actors import registry as registry_module
 from actors.delivery import DeadVerdict
-from actors.registry import RegistryHandle, decide_dead_token
+from actors.registry import RegistryBusy, RegistryHandle, decide_dead_token
 from events import types as ev
 from events.journal import Journal
 from events.store import LogReader
-from relay import metrics
+from relay import database, metrics
 from relay.config import RegistryConfig
 
 TOKEN = "a1" * 32
@@ -185,14 +186,120 @@ def test_a_stopped_registry_fails_requests_instead_of_hanging_until_restarted(
 def test_the_registered_devices_gauge_follows_the_log(
         journal: Journal, reader: LogReader, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry_module, "GAUGE_REFRESH", 0.05)
+    def gauge_reaches(value: int) -> None:  # counted off the actor: soon, not at once
+        deadline = time.monotonic() + WAIT
+        while metrics.DEVICES_REGISTERED._value.get() != value and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metrics.DEVICES_REGISTERED._value.get() == value
+
     registry = _start(journal, reader, Clock(T))
-    assert metrics.DEVICES_REGISTERED._value.get() == 0
+    gauge_reaches(0)
     for token in ("b1" * 32, "b2" * 32, "b3" * 32):
         registry.register(token).result(WAIT)
     registry.register("b1" * 32).result(WAIT)  # again: still three devices
     registry.unregister("b2" * 32).result(WAIT)
-    deadline = time.monotonic() + WAIT
-    while metrics.DEVICES_REGISTERED._value.get() != 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert metrics.DEVICES_REGISTERED._value.get() == 2
+    gauge_reaches(2)
     registry.stop()
+
+
+# --- the log unreadable: the Registry never blocks ------------------------------------------
+
+@pytest.fixture
+def cut_reads(dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Proxy, LogReader]]:
+    """A LogReader through a TCP proxy that can cut it off the database (the Journal keeps
+    its own connection), with the retry policy at test speed."""
+    monkeypatch.setattr(database, "RETRY_MIN", 0.01)
+    monkeypatch.setattr(database, "RETRY_MAX", 0.05)
+    proxy = Proxy(dsn)
+    reader = LogReader(proxy.dsn)
+    yield proxy, reader
+    reader.close()
+    proxy.close()
+
+
+def test_an_unregistration_waiting_for_an_unreadable_log_holds_back_no_other_token(
+        dsn: str, cut_reads: tuple[Proxy, LogReader], caplog: pytest.LogCaptureFixture) -> None:
+    proxy, reader = cut_reads
+    # Commits wait 0.5 s for company, so the second token's registration is still in the
+    # overlay when its unregistration comes: decided without reading the log.
+    journal = Journal(dsn, max_delay=0.5)
+    journal.start()
+    try:
+        registry = _start(journal, reader, Clock(T))
+        registry.register(TOKEN).result(WAIT)
+        proxy.cut()
+        stuck = registry.unregister(TOKEN)  # must read the log: retried while it is cut
+        other = "c1" * 32
+        registry.register(other)
+        registry.unregister(other).result(WAIT)
+        assert not stuck.done()
+        proxy.restore()
+        stuck.result(WAIT)
+        registry.stop()
+    finally:
+        journal.stop(timeout=10)
+    assert [(t, d["token"]) for t, d in _events(dsn)] == [
+        (ev.DEVICE_REGISTERED, TOKEN), (ev.DEVICE_REGISTERED, other),
+        (ev.DEVICE_UNREGISTERED, other), (ev.DEVICE_UNREGISTERED, TOKEN)]
+
+
+def _wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while text not in caplog.text:
+        assert time.monotonic() < deadline, f"never logged: {text}"
+        time.sleep(0.01)
+
+
+def test_a_registration_during_a_read_wins_over_what_the_read_saw(
+        dsn: str, journal: Journal, cut_reads: tuple[Proxy, LogReader],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A verdict older than a registration appended while the verdict's read was out keeps
+    the token: the overlay entry newer than the read decides."""
+    proxy, reader = cut_reads
+    clock = Clock(T - 3_600_000)
+    registry = _start(journal, reader, clock)
+    registry.register(TOKEN).result(WAIT)
+    proxy.cut()
+    clock.now = T + 60_000
+    dead = registry.dead_token(_verdict())  # reads the old registration, once it can
+    _wait_for_log(caplog, "cannot read the registration")
+    registry.register(TOKEN).result(WAIT)  # meanwhile the device registers again
+    proxy.restore()
+    dead.result(WAIT)
+    assert _events(dsn)[-1][0] == ev.UNREGISTER_SKIPPED
+    assert LogReader(dsn).registration(TOKEN) == (True, T + 60_000)
+    registry.stop()
+
+
+def test_beyond_its_mailbox_bound_the_registry_refuses_instead_of_queueing(
+        dsn: str, journal: Journal, cut_reads: tuple[Proxy, LogReader],
+        caplog: pytest.LogCaptureFixture) -> None:
+    proxy, reader = cut_reads
+    registry = RegistryHandle.start(journal, reader, RegistryConfig(), mailbox=2)
+    tokens = [f"{i:02x}" * 32 for i in range(1, 4)]
+    for token in tokens:
+        registry.register(token).result(WAIT)
+    proxy.cut()
+    held = [registry.unregister(token) for token in tokens[:2]]
+    _wait_for_log(caplog, "cannot read the registration")
+    with pytest.raises(RegistryBusy):
+        registry.unregister(tokens[2])
+    registry.dead_token(_verdict(token=tokens[2]))  # verdicts are always taken
+    proxy.restore()
+    for future in held:
+        future.result(WAIT)
+    registry.unregister(tokens[2]).result(WAIT)  # the slots came back
+    assert all(LogReader(dsn).registration(token)[0] is False for token in tokens)
+    registry.stop()
+
+
+def test_stopping_fails_the_requests_still_waiting_for_a_read(
+        journal: Journal, cut_reads: tuple[Proxy, LogReader]) -> None:
+    proxy, reader = cut_reads
+    registry = _start(journal, reader, Clock(T))
+    registry.register(TOKEN).result(WAIT)
+    proxy.cut()
+    waiting = registry.unregister(TOKEN)
+    registry.stop(timeout=WAIT)
+    with pytest.raises(RuntimeError, match="stopped before reading"):
+        waiting.result(WAIT)

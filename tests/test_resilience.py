@@ -289,6 +289,30 @@ def test_a_postgresql_restart_mid_run_loses_nothing(
     assert pauses and all(0.4 <= p <= 30.0 for p in pauses), pauses
 
 
+def test_postgresql_stopped_between_runs_turns_health_503_within_5s_and_200_after(
+        private_cluster: Cluster, outage_dsn: str, simulator_factory: SimulatorFactory,
+        tmp_path: Path, processes: list[RelayProcess]) -> None:
+    """Nothing is written between runs: the Journal's idle probe is what notices."""
+    _, apns = simulator_factory()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    relay = start_relay(processes, write_config(tmp_path, outage_dsn, apns, port))
+    wait_healthy(base_url, relay)  # the start-up run (no tokens) is over: idle from here
+
+    private_cluster.stop()
+    stopped = time.monotonic()
+    while api_request(f"{base_url}/health")[0] != 503:
+        assert time.monotonic() - stopped < 5.0, relay.log
+        time.sleep(0.05)
+    assert relay.process.poll() is None, relay.log
+
+    private_cluster.start()
+    wait_healthy(base_url, relay)
+    assert api_request(f"{base_url}/devices", "POST", {"token": token(1)})[0] == 200
+    relay.signal(signal.SIGTERM)
+    assert relay.finish() == 0, relay.log
+
+
 def test_a_signal_while_the_database_is_away_still_exits_0_within_the_drain_timeout(
         private_cluster: Cluster, outage_dsn: str, simulator_factory: SimulatorFactory,
         tmp_path: Path, processes: list[RelayProcess]) -> None:

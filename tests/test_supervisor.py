@@ -102,18 +102,19 @@ def _until(condition: Any, what: str) -> None:
         time.sleep(0.02)
 
 
-def _crash_registrations(monkeypatch: pytest.MonkeyPatch, times: int) -> list[float]:
-    """The next `times` registrations crash the Registry actor; returns when each did."""
+def _crash_unregistrations(monkeypatch: pytest.MonkeyPatch, times: int) -> list[float]:
+    """The next `times` unregistrations crash the Registry actor (registrations never pass
+    through it); returns when each did."""
     crashes: list[float] = []
-    original = Registry._register
+    original = Registry._take
 
-    def crashing(self: Registry, device: str, reply: Future[None]) -> None:
+    def crashing(self: Registry, request: Any) -> None:
         if len(crashes) < times:
             crashes.append(time.monotonic())
             raise RuntimeError("injected Registry crash")
-        original(self, device, reply)
+        original(self, request)
 
-    monkeypatch.setattr(Registry, "_register", crashing)
+    monkeypatch.setattr(Registry, "_take", crashing)
     return crashes
 
 
@@ -133,8 +134,8 @@ def test_a_crashed_registry_is_restarted_after_a_back_off(
     caplog.set_level(logging.WARNING, logger="relay.supervisor")
     running = supervise()
     registry = running.supervisor.parts.registry
-    crashes = _crash_registrations(monkeypatch, times=1)
-    registry.register(token(1))
+    crashes = _crash_unregistrations(monkeypatch, times=1)
+    registry.unregister(token(1))
     _until(lambda: crashes and not registry.alive(), "the crash")
     _until(registry.alive, "the restart")
     restarted = time.monotonic()
@@ -183,10 +184,10 @@ def test_crashes_faster_than_the_policy_allows_end_the_process_with_status_1(
         caplog: pytest.LogCaptureFixture) -> None:
     running = supervise()
     registry = running.supervisor.parts.registry
-    crashes = _crash_registrations(monkeypatch, times=1_000)
+    crashes = _crash_unregistrations(monkeypatch, times=1_000)
     while not running.status.done():
         if registry.alive():
-            registry.register(token(len(crashes) + 1))
+            registry.unregister(token(len(crashes) + 1))
         time.sleep(0.02)
         assert len(crashes) <= FAST.max_restarts + 1
     assert running.status.result(WAIT) == EXIT_FAILURE
