@@ -226,11 +226,14 @@ class Registry(pykka.ThreadingActor):
                 timer.cancel()
         if self._reads is not None:
             self._reads.shutdown(wait=False, cancel_futures=True)
+        ended = RuntimeError(f"the registry {why} before reading the token's state")
         for _, requests in self._waiting.values():
             for request in requests:
                 self._finished(request)
+                with contextlib.suppress(InvalidStateError):
+                    request.reply.set_exception(ended)
         self._waiting.clear()
-        self._replies.close(why)  # fails the replies of the requests still waiting
+        self._replies.close(why)  # and every reply still in its mailbox
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, (_Unregister, _Dead)):

@@ -458,7 +458,7 @@ class Journal:
                 self._cond.wait(remaining)
 
     def _commit(self, batch: list[_Request]) -> None:
-        if not any(request.events for request in batch):  # barriers only: nothing to write
+        if not any(request.events or request.decide for request in batch):  # barriers only
             self._resolve(batch, 0)
             return
         batch_id = uuid.uuid4()

@@ -202,12 +202,12 @@ def test_a_registry_crash_mid_run_fails_its_replies_and_the_run_finishes(
         crashed.set()
         raise RuntimeError("injected: the registry crashes on a dead token")
 
-    monkeypatch.setattr(registry_module, "decide_dead_token", crash)
+    monkeypatch.setattr(registry_module.Registry, "_dead", crash)
     outcome = test_wakeup._run_in_thread(relay.runner(max_in_flight=20))
     result = outcome.result(WAIT)  # stalled forever when the crash swallowed the replies
     assert crashed.is_set() and not relay.registry.alive()
     assert result.finished and result.delivered == len(tokens) - len(dead)
-    assert result.unregistered == len(dead)
+    assert result.dead == len(dead)
     # Replies owed by the dead actor were failed, not forgotten; a restart serves again.
     failed = relay.registry.dead_token(DeadVerdict(dead[0], "Unregistered", 0, None, 1, None))
     assert isinstance(failed.exception(WAIT), RuntimeError)
@@ -235,10 +235,11 @@ def test_a_reply_book_fails_what_its_dead_actor_owes_and_everything_after() -> N
 # --- 5. a child process that keeps dying ends the relay ------------------------------------
 
 def test_a_crash_looping_sender_process_ends_the_relay_by_the_restart_budget(
-        dsn: str, simulator_factory: SimulatorFactory,
+        dsn: str, simulator_factory: SimulatorFactory, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     simulator, apns = simulator_factory()
-    supervise = test_supervisor.Supervise(dsn, simulator, dataclasses.replace(apns, processes=1))
+    supervise = test_supervisor.Supervise(dsn, simulator, dataclasses.replace(apns, processes=1),
+                                          tmp_path)
     try:
         running = supervise()
         pool = running.supervisor.parts.client

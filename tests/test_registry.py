@@ -253,20 +253,37 @@ def _wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
 def test_a_registration_during_a_read_wins_over_what_the_read_saw(
         dsn: str, journal: Journal, cut_reads: tuple[Proxy, LogReader],
         caplog: pytest.LogCaptureFixture) -> None:
-    """A verdict older than a registration appended while the verdict's read was out keeps
-    the token: the overlay entry newer than the read decides."""
+    """An unregistration whose read saw the token inactive still unregisters it when the
+    device registered again while that read was out: the overlay entry newer than the
+    read decides."""
+    proxy, reader = cut_reads
+    registry = _start(journal, reader, Clock(T))
+    registry.register(TOKEN).result(WAIT)
+    registry.unregister(TOKEN).result(WAIT)
+    proxy.cut()
+    again = registry.unregister(TOKEN)  # reads the token as inactive, once it can
+    _wait_for_log(caplog, "cannot read the registration")
+    registry.register(TOKEN).result(WAIT)  # meanwhile the device registers again
+    proxy.restore()
+    again.result(WAIT)
+    assert [t for t, _ in _events(dsn)][-2:] == [ev.DEVICE_REGISTERED, ev.DEVICE_UNREGISTERED]
+    assert LogReader(dsn).registration(TOKEN)[0] is False
+    registry.stop()
+
+
+def test_a_dead_token_verdict_waits_for_no_read_of_the_log(
+        dsn: str, journal: Journal, cut_reads: tuple[Proxy, LogReader]) -> None:
+    """The Journal decides a verdict under the head lock, so it goes through while the
+    Registry's reads are cut; a registration after it is not overruled."""
     proxy, reader = cut_reads
     clock = Clock(T - 3_600_000)
     registry = _start(journal, reader, clock)
     registry.register(TOKEN).result(WAIT)
     proxy.cut()
     clock.now = T + 60_000
-    dead = registry.dead_token(_verdict())  # reads the old registration, once it can
-    _wait_for_log(caplog, "cannot read the registration")
-    registry.register(TOKEN).result(WAIT)  # meanwhile the device registers again
+    assert registry.dead_token(_verdict()).result(WAIT) == ev.DEVICE_UNREGISTERED
+    registry.register(TOKEN).result(WAIT)
     proxy.restore()
-    dead.result(WAIT)
-    assert _events(dsn)[-1][0] == ev.UNREGISTER_SKIPPED
     assert LogReader(dsn).registration(TOKEN) == (True, T + 60_000)
     registry.stop()
 
