@@ -155,7 +155,7 @@ class _Overlay:
     appends (see the module docstring). Shared by the handle and its actors."""
 
     def __init__(self, journal: Journal) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the actor hands a verdict on while holding it
         self._journal = journal
         self._pending: dict[str, _Pending] = {}
         self.seq = 0  # appends so far: a read remembers it to spot later appends
@@ -272,12 +272,9 @@ class Registry(pykka.ThreadingActor):
             self._waiting[token] = (self._overlay.seq, [request])
         self._read(token)
 
-    def _decide(self, request: _Request, state: _TokenState) -> _TokenState:
-        """Act on one request given the token's state (hold the overlay's lock); returns
-        the state after it."""
-        if isinstance(request, _Dead):  # queued behind a read: decided by the Journal
-            self._dead(request)
-            return state
+    def _decide(self, request: _Unregister, state: _TokenState) -> _TokenState:
+        """Act on one unregistration given the token's state (hold the overlay's lock);
+        returns the state after it."""
         self._finished(request)
         active, _ = state
         if not active:
@@ -356,7 +353,11 @@ class Registry(pykka.ThreadingActor):
         with self._overlay.lock:
             later = self._overlay.since(message.token, began)
             state = message.state if later is None else (later.active, later.registered_at_ms)
-            for request in requests:
+            for i, request in enumerate(requests):
+                if isinstance(request, _Dead):  # decided by the Journal: the rest wait again
+                    self._dead(request)
+                    self._waiting[message.token][1].extend(requests[i + 1:])
+                    break
                 state = self._decide(request, state)
 
     # --- the registered-devices gauge ---
