@@ -42,7 +42,7 @@ OTHER_PROCESS = textwrap.dedent("""
             print("locked", flush=True)
             sys.stdin.readline()
             encoded = [journal._encode(ev.device_registered(sys.argv[2], ev.now_ms()))]
-            _, patch = journal._copy_events(cur, encoded, head, previous)
+            _, _, patch = journal._copy_events(cur, encoded, head, previous)
             patch.copy(cur)
             patch.merge(cur)
         conn.commit()
