@@ -1,6 +1,6 @@
 """Sender shards: a small fixed set of actors hosting every token's delivery.
 
-One pykka actor per token would cost a thread each (DESIGN.md), so each token's
+One pykka actor per token would cost an OS thread each, so each token's
 delivery is a *virtual actor*: a `Delivery` object living in exactly one shard
 (token -> shard by a stable hash), activated when the Dispatcher assigns the
 token, evicted when it has a final outcome. A token in back-off is just an

@@ -1,6 +1,6 @@
 """The supervisor: starts the parts in dependency order, runs wakeups, stops in reverse.
 
-Order (DESIGN.md "Supervision"): Journal, Registry, APNs client, wakeup runner,
+Order: Journal, Registry, APNs client, wakeup runner,
 HTTP API; stopped in reverse. Two things can crash while the process runs: the
 Registry actor, and a wakeup run (its Dispatcher or a Sender shard). Either is
 restarted after a back-off that doubles with every recent restart; a restarted

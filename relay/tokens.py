@@ -17,7 +17,7 @@ def normalize_token(value: object) -> str:
     """The token in lower-case hex, or `InvalidToken`.
 
     Apple says token length varies and must not be hard-coded, so we accept any
-    even-length hex string of 8 to 256 bytes (reference §8).
+    even-length hex string of 8 to 256 bytes (docs/apns.md §8).
     """
     if not isinstance(value, str):
         raise InvalidToken(f"token must be a string of hex digits, got {type(value).__name__}")

@@ -1,4 +1,4 @@
-"""The answer → verdict table against the reference's §3 table, row by row."""
+"""The answer → verdict table against the §3 table of docs/apns.md, row by row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from relay.apns.reasons import REASONS, Verdict, classify
 
 A, B, C, D = Verdict.RELAY_BUG, Verdict.CONFIGURATION, Verdict.DEAD_TOKEN, Verdict.TRANSIENT
 
-# Transcribed from shared/apns-reference.md §3 (class column; where it offers two, the
+# Transcribed from docs/apns.md §3 (class column; where it offers two, the
 # choice the relay makes, explained in reasons.py).
 REFERENCE = [
     (400, "BadCollapseId", A),

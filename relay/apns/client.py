@@ -49,13 +49,13 @@ from relay.tokens import redact
 
 log = logging.getLogger("relay.apns")
 
-# The background wake-up every request carries (reference §2).
+# The background wake-up every request carries (docs/apns.md §2).
 BACKGROUND_PAYLOAD = b'{"aps":{"content-available":1}}'
-# Reconnect back-off: Apple treats rapid reconnects as abuse (reference §6). A connection
+# Reconnect back-off: Apple treats rapid reconnects as abuse (docs/apns.md §6). A connection
 # that ends without answering anything counts as a failure; one answer resets the count.
 RECONNECT_BASE = 0.2
 RECONNECT_MAX = 60.0
-# A 410 timestamp below this is in seconds, not milliseconds (reference §4).
+# A 410 timestamp below this is in seconds, not milliseconds (docs/apns.md §4).
 SECONDS_TIMESTAMP_LIMIT = 10**11
 # How often the JWT age gauge is refreshed.
 METRICS_INTERVAL = 5.0
@@ -123,7 +123,7 @@ def _timestamp_ms(raw: object) -> int | None:
     return ms if ms <= LATEST_TIMESTAMP_MS else None
 
 
-# A topic is the app's bundle id, maybe with a suffix such as `.voip` (reference §2).
+# A topic is the app's bundle id, maybe with a suffix such as `.voip` (docs/apns.md §2).
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -431,7 +431,7 @@ class ApnsClient(ConnectionOwner):
     def headers_for(self, request: PendingRequest) -> list[Header]:
         headers: list[Header] = [
             *self._request_line,
-            # Per-request values stay out of APNs' small HPACK table (reference §1).
+            # Per-request values stay out of APNs' small HPACK table (docs/apns.md §1).
             NeverIndexedHeaderTuple(b":path", b"/3/device/" + request.token.encode()),
             *self._constant_headers,
             NeverIndexedHeaderTuple(
@@ -463,7 +463,7 @@ class ApnsClient(ConnectionOwner):
 
     def _retry_on_new_connection(self, conn: Http2Connection, request: PendingRequest) -> bool:
         """UnrelatedKeyIdInToken: APNs bound this connection to another team at its first
-        push (reference §5), so the connection is retired and the request tried once more
+        push (docs/apns.md §5), so the connection is retired and the request tried once more
         on a new one. A repeat there reaches the caller (the table's class b)."""
         if request.connection_retried:
             return False

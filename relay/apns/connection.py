@@ -6,7 +6,7 @@ owner (the client), and never decides what an answer means. What it guarantees:
 
 - no stream is opened before the server's SETTINGS arrived, and never more than
   the server's SETTINGS_MAX_CONCURRENT_STREAMS are open; under token auth only
-  one until the first 200 on this connection (Apple's rule, reference §6);
+  one until the first 200 on this connection (Apple's rule, docs/apns.md §6);
 - flow control is respected for request bodies;
 - after GOAWAY no stream is opened, streams above `last_stream_id` go back to the
   owner to be re-sent elsewhere, and answers for the others are still read.

@@ -4,7 +4,7 @@ Header encoding and decoding were the largest CPU cost per notification on both 
 the wire (the relay and the simulator). An APNs header block is always the same shape:
 a few constant fields (method, scheme, authority, topic, push type, priority; or
 `:status 200`) that sit in the HPACK tables, plus per-request values sent as
-never-indexed literals (path, apns-id, expiration, provider token; reference §1).
+never-indexed literals (path, apns-id, expiration, provider token; docs/apns.md §1).
 Both classes handle exactly that shape themselves and hand everything else (the first
 block of a connection, which fills the dynamic table, table size updates, Huffman
 strings) to `hpack`, so the compression state is the library's and stays correct.

@@ -5,7 +5,7 @@ and one that changes more than once per 20 minutes on a connection
 (TooManyProviderTokenUpdates), so minting per request or per connection is
 wrong. One token per process serves every connection; it is re-minted after a
 jittered 40-50 minutes, never sooner than 20 minutes after the last one, under
-a lock so concurrent callers never mint twice (reference §5).
+a lock so concurrent callers never mint twice (docs/apns.md §5).
 """
 
 from __future__ import annotations

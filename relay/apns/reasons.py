@@ -1,8 +1,8 @@
-"""What every APNs answer means for the relay: THE table (reference §3).
+"""What every APNs answer means for the relay: THE table (docs/apns.md §3).
 
 Each (status, reason) pair Apple documents maps to exactly one `Verdict`, in one
 literal dict so a reader can check it against Apple's list line by line. The
-class letters in the comments are the reference's: a relay bug, b operator
+class letters in the comments are those of docs/apns.md §3: a relay bug, b operator
 configuration, c dead token, d transient.
 """
 
@@ -44,7 +44,7 @@ REASONS: dict[tuple[int, str], Verdict] = {
     (403, "Forbidden"): Verdict.CONFIGURATION,  # b
     (403, "InvalidProviderToken"): Verdict.CONFIGURATION,  # b: wrong key, key id or team id
     (403, "MissingProviderToken"): Verdict.RELAY_BUG,  # a: we always send a JWT with token auth
-    # a/b: the client retires the connection and retries once on a new one (reference: "open
+    # a/b: the client retires the connection and retries once on a new one (docs/apns.md §3: "open
     # a new connection"); the relay signs with one configured key, so a repeat on a fresh
     # connection means APNs does not relate apns.key_id to apns.team_id: b.
     (403, "UnrelatedKeyIdInToken"): Verdict.CONFIGURATION,

@@ -65,7 +65,7 @@ from relay.tokens import redact
 
 log = logging.getLogger("relay.simulator")
 
-DEFAULT_MAX_STREAMS = 1000  # what Apple was seen to advertise (reference §6)
+DEFAULT_MAX_STREAMS = 1000  # what Apple was seen to advertise (docs/apns.md §6)
 MAX_HEADER_LIST_SIZE = 8000  # Apple's observed SETTINGS value
 STREAM_CULL_INTERVAL = 256
 # Received bytes parsed before the answers ready so far are written. APNs answers streams

@@ -1,4 +1,4 @@
-"""Apple's rules for one request, as plain functions (reference §2, §5).
+"""Apple's rules for one request, as plain functions (docs/apns.md §2, §5).
 
 The simulator answers the way APNs does when a request breaks a rule; the order
 of the checks is ours (Apple does not document it). `BadPayload` (JSON that is
@@ -124,14 +124,14 @@ def check_payload(body: bytes, push_type: str | None) -> Error | None:
     if not isinstance(payload, dict):
         return 400, "BadPayload"
     if push_type == "background" and payload.get("aps") != {"content-available": 1}:
-        # A background push carries only content-available: 1 in `aps` (reference §2).
+        # A background push carries only content-available: 1 in `aps` (docs/apns.md §2).
         return 400, "InvalidPushType"
     return None
 
 
 @dataclass(frozen=True)
 class CertificateIdentity:
-    """What a TLS client certificate allows (reference §5, certificate auth): the topics
+    """What a TLS client certificate allows (docs/apns.md §5, certificate auth): the topics
     (the subject's UID, Apple's bundle id) and the environments named by its extensions."""
 
     topics: frozenset[str]
@@ -240,7 +240,7 @@ class ConnectionAuth:
 
     The connection's accepted token is kept with its `iat`: a request carrying it again
     (nearly every request) costs a string comparison and the age check, as APNs checks
-    the token per connection, not its signature per request (reference §5)."""
+    the token per connection, not its signature per request (docs/apns.md §5)."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
