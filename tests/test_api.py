@@ -640,6 +640,19 @@ def test_stop_closes_the_listener(make_server: ServerFactory) -> None:
 # --- real Journal + Registry on real PostgreSQL --------------------------------------------
 
 
+class JournalHealth:
+    """/health as the supervisor answers it, from the Journal alone (no wakeup worker)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def database_available(self) -> bool:
+        return self._journal.database_available
+
+    def worker_alive(self) -> bool:
+        return True
+
+
 @pytest.fixture
 def real_server(dsn: str) -> Iterator[ApiServer]:
 
@@ -647,14 +660,7 @@ def real_server(dsn: str) -> Iterator[ApiServer]:
     journal.start()
     registry = RegistryHandle.start(journal, LogReader(dsn), BASE_CONFIG.registry)
 
-    class JournalHealth:
-        def database_available(self) -> bool:
-            return journal.database_available
-
-        def worker_alive(self) -> bool:
-            return True
-
-    server = ApiServer(BASE_CONFIG, registry, JournalHealth())
+    server = ApiServer(BASE_CONFIG, registry, JournalHealth(journal))
     server.start()
     yield server
     server.stop()
@@ -700,14 +706,7 @@ def test_a_full_registry_mailbox_is_503_with_retry_after(dsn: str) -> None:
     reader = LogReader(proxy.dsn)
     registry = RegistryHandle.start(journal, reader, BASE_CONFIG.registry, mailbox=1)
 
-    class JournalHealth:
-        def database_available(self) -> bool:
-            return journal.database_available
-
-        def worker_alive(self) -> bool:
-            return True
-
-    server = ApiServer(BASE_CONFIG, registry, JournalHealth())
+    server = ApiServer(BASE_CONFIG, registry, JournalHealth(journal))
     server.start()
     try:
         client = Client(server.bound_address)
