@@ -28,6 +28,13 @@ lock, from the devices table overlaid with the batch's earlier events. Every wri
 of the log takes that lock, so no registration can commit between the read and the
 event: the decision and the event are one atomic step, whichever process registered.
 
+Fencing (several relays, relay/cluster.py): an outcome event carries its token's shard
+and the epoch of the lease it was sent under. Under the head lock the append checks
+each request's epochs against `cluster_shards` (whose epochs move only under that same
+lock): a request whose shard has moved on is refused, alone, with `Fenced`, and the rest
+of the batch is written. The one-round-trip path asks the database to refuse the whole
+transaction instead (`cluster_fence`) and then takes the locked path.
+
 Database failures: the writer marks the database unavailable, retries the same
 batch with the pauses of `relay.database.RetryPauses` (400 ms to 30 s) until it
 commits, and only then takes the next batch, so order is kept. A connection lost
@@ -100,6 +107,8 @@ BULK_CHUNK = 50_000
 # Events per chunk written to the COPY stream (about 45 KB): the server stores one
 # chunk while the writer hashes the next.
 COPY_CHUNK_EVENTS = 128
+# SQLSTATE of cluster_fence's refusal (schema/006_cluster.sql).
+FENCE_SQLSTATE = "RL001"
 _COPY_EVENTS = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
 # Batches of at most this many events go in with one INSERT inside the commit's pipeline
 # instead of a COPY (a COPY cannot be pipelined): two round trips fewer, which is most of
@@ -118,6 +127,11 @@ _TYPE_FIELDS = {type_: codec.copy_text(type_) for type_ in EVENT_TYPES}
 class JournalStopped(RuntimeError):
     """The Journal stopped before these events were known to be committed; the message
     says whether they are not in the log or their fate is settled at the next start."""
+
+
+class Fenced(RuntimeError):
+    """The events were refused: their shard's lease moved to a newer epoch (another
+    process took the shard over); nothing of them is in the log."""
 
 
 class JournalError(RuntimeError):
@@ -143,6 +157,8 @@ class _Request:
     enqueued: float
     decide: tuple[str, Decide] | None = None  # (token, rule), decided under the head lock
     decided: Event | None = None
+    fences: frozenset[ev.Fence] = frozenset()  # (shard, epoch) its outcomes were sent under
+    refused: int = 0  # events fenced out: a shard's epoch had moved on
 
 
 def _is_transient(exc: psycopg.Error) -> bool:
@@ -196,6 +212,29 @@ def _event_columns(events: Sequence[_Encoded], head: int, previous: bytes
         hashes.append(previous)
     patch = projection.BatchPatch(((event.type, event.data) for event in events), inline=True)
     return position, previous, patch, columns
+
+
+def _fences(events: Sequence[_Encoded]) -> frozenset[ev.Fence]:
+    return frozenset(fence for event in events if (fence := ev.fence_of(event.data)))
+
+
+def _fence_arrays(batch: list[_Request]) -> tuple[list[int], list[int]] | None:
+    pairs = sorted({fence for request in batch for fence in request.fences})
+    return ([shard for shard, _ in pairs], [epoch for _, epoch in pairs]) if pairs else None
+
+
+def _refuse_stale(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
+    """Under the head lock: requests sent under an epoch that is no longer their shard's
+    are refused (their events dropped from the batch)."""
+    shards = sorted({shard for request in batch for shard, _ in request.fences})
+    if not shards:
+        return
+    current = dict(cur.execute("SELECT shard, epoch FROM cluster_shards WHERE shard = ANY(%s)",
+                               (shards,)).fetchall())
+    for request in batch:
+        if request.events and any(current.get(shard) != epoch
+                                  for shard, epoch in request.fences):
+            request.refused, request.events = len(request.events), []
 
 
 def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
@@ -358,7 +397,8 @@ class Journal:
             if self._stopping or self._thread is None:
                 future.set_exception(JournalStopped("the Journal is not running"))
                 return future
-            self._queue.append(_Request(encoded, future, time.monotonic()))
+            self._queue.append(_Request(encoded, future, time.monotonic(),
+                                        fences=_fences(encoded)))
             self._cond.notify()
         return future
 
@@ -532,9 +572,15 @@ class Journal:
         with conn.cursor() as cur:
             if known is not None and small:
                 try:
-                    return self._write_events(conn, cur, events, batch_id, known, locked=False)
+                    return self._write_events(conn, cur, events, batch_id, known, locked=False,
+                                              fences=_fence_arrays(batch))
                 except (psycopg.errors.UniqueViolation, psycopg.errors.RestrictViolation):
                     conn.rollback()  # another writer moved the head: refused, not in doubt
+                    self._commit_sent = False
+                except psycopg.Error as exc:
+                    if exc.sqlstate != FENCE_SQLSTATE:
+                        raise
+                    conn.rollback()  # a shard moved on: the locked path sorts the batch
                     self._commit_sent = False
             with conn.pipeline():  # BEGIN and the head's lock: one round trip
                 cur.execute("SELECT position, hash FROM log_head FOR UPDATE")
@@ -550,10 +596,14 @@ class Journal:
                     log.info("batch %s had committed before the connection was lost", batch_id)
                     return int(found[0])
             head = (int(row[0]), bytes(row[1]))
+            fenced = any(request.fences for request in batch)
+            if fenced:
+                _refuse_stale(cur, batch)
             if deciding:
                 _decide(cur, batch)
+            if fenced or deciding:
                 events = [event for request in batch for event in request.events]
-                if not events:  # every decision was: nothing to write
+                if not events:  # every decision was: nothing to write (or all refused)
                     conn.rollback()
                     self._head = head
                     return head[0] + 1
@@ -561,8 +611,9 @@ class Journal:
 
     def _write_events(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
                       events: list[_Encoded], batch_id: uuid.UUID, head: tuple[int, bytes], *,
-                      locked: bool) -> int:
-        """The batch after `head`, up to COMMIT; `locked`: the head lock is already ours."""
+                      locked: bool, fences: tuple[list[int], list[int]] | None = None) -> int:
+        """The batch after `head`, up to COMMIT; `locked`: the head lock is already ours
+        (else `fences`, the batch's shards and epochs, are checked after taking it)."""
         first = head[0] + 1
         rows: list[list[Any]] | None = None
         if len(events) <= INSERT_MAX_EVENTS:
@@ -576,6 +627,8 @@ class Journal:
         with conn.pipeline():
             if not locked:
                 cur.execute("SELECT 1 FROM log_head FOR UPDATE")
+                if fences is not None:
+                    cur.execute("SELECT cluster_fence(%s::int4[], %s::int8[])", fences)
             if rows is not None:
                 cur.execute(_INSERT_EVENTS, rows)
             patch.merge(cur)
@@ -637,7 +690,14 @@ class Journal:
         for request in batch:
             count = len(request.events)
             metrics.APPEND_LATENCY.observe(now - request.enqueued)
-            if request.decide is not None:
+            if request.refused:
+                shards = sorted(shard for shard, _ in request.fences)
+                metrics.FENCED_OUTCOMES.inc(request.refused)
+                log.warning("refused %d outcome event(s) of shard(s) %s: the lease moved to "
+                            "another process (a newer epoch) while they were sent",
+                            request.refused, shards)
+                request.future.set_exception(Fenced(f"shard(s) {shards}: the lease moved on"))
+            elif request.decide is not None:
                 request.future.set_result(request.decided)
             else:
                 request.future.set_result(list(range(position, position + count)))

@@ -52,11 +52,19 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     ev.RELAY_HALTED: {"at": _STR, "halt_class": _STR, "reason": _OPT_STR,
                       "status": _OPT_INT, "message": _STR, "run": _OPT_INT,
                       "token": _OPT_STR},
+    ev.SHARD_LEASED: {"at": _STR, "process": _STR, "host": _STR, "shard": _INT,
+                      "epoch": _INT, "took_from": _OPT_STR},
+    ev.SHARD_RELEASED: {"at": _STR, "process": _STR, "host": _STR, "shard": _INT,
+                        "epoch": _INT, "why": _STR},
 }
+_FENCE = {"shard": _INT, "epoch": _INT}
 # Later versions and optional fields (events/types.py, EVENT VERSIONS).
 _LATER: dict[str, list[dict[str, tuple[type, ...]]]] = {
     ev.RUN_FINISHED: [{"dead": _INT, "kept": _INT, "v": _INT}],
     ev.RUN_STARTED: [{"apns": (dict, type(None))}],
+    ev.NOTIFICATION_DELIVERED: [_FENCE],
+    ev.NOTIFICATION_FAILED: [_FENCE],
+    ev.NOTIFICATION_ABANDONED: [_FENCE],
 }
 # Every accepted shape, keyed by its exact set of fields.
 _SHAPES: dict[str, dict[frozenset[str], dict[str, tuple[type, ...]]]] = {}

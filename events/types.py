@@ -25,11 +25,13 @@ NOTIFICATION_FAILED = "notification_failed"
 NOTIFICATION_ABANDONED = "notification_abandoned"
 RELAY_HALTED = "relay_halted"
 LOG_CREATED = "log_created"
+SHARD_LEASED = "shard_leased"
+SHARD_RELEASED = "shard_released"
 
 EVENT_TYPES = frozenset({
     DEVICE_REGISTERED, DEVICE_UNREGISTERED, UNREGISTER_SKIPPED, RUN_STARTED, RUN_FINISHED,
     NOTIFICATION_DELIVERED, NOTIFICATION_FAILED, NOTIFICATION_ABANDONED, RELAY_HALTED,
-    LOG_CREATED,
+    LOG_CREATED, SHARD_LEASED, SHARD_RELEASED,
 })
 
 # EVENT VERSIONS (upcasting). An event's shape never changes in the log; a new shape
@@ -42,7 +44,13 @@ EVENT_TYPES = frozenset({
 #   the run's events (events/projection.py), as it does for v2.
 # run_started gained an optional field, "apns" (the environment and endpoint the run
 # sent to; environment "simulator" for the built-in simulator): absent means unknown.
+# notification_delivered, notification_failed and notification_abandoned gained two
+# optional fields together, "shard" and "epoch": the token's shard and the epoch of the
+# lease its sender held (relay/cluster.py). Absent: written before shards existed.
 RUN_FINISHED_VERSION = 2
+
+# A token's shard and its lease's epoch, as outcome events carry them (None: unsharded).
+Fence = tuple[int, int]
 
 # Why a device was unregistered: by its own request through the API, or by an APNs verdict.
 CAUSE_API = "api"
@@ -138,33 +146,60 @@ def log_created(at_ms: int, genesis: bytes) -> Event:
     return Event(LOG_CREATED, {"at": iso_ms(at_ms), "genesis": genesis.hex()})
 
 
+def _fenced(data: dict[str, Any], fence: Fence | None) -> dict[str, Any]:
+    if fence is not None:
+        data["shard"], data["epoch"] = fence
+    return data
+
+
 def notification_delivered(run: int, token: str, at_ms: int, *, attempt: int, apns_id: str,
-                           status: int, latency_ms: float) -> Event:
-    return Event(NOTIFICATION_DELIVERED, {
+                           status: int, latency_ms: float, fence: Fence | None = None) -> Event:
+    return Event(NOTIFICATION_DELIVERED, _fenced({
         "run": run, "token": token, "at": iso_ms(at_ms), "attempt": attempt,
         "apns_id": apns_id, "status": status, "latency_ms": round(latency_ms, 3),
-    })
+    }, fence))
 
 
 def notification_failed(run: int, token: str, at_ms: int, *, attempt: int, apns_id: str,
                         status: int | None, reason: str | None, verdict: str,
                         apple_timestamp_ms: int | None, latency_ms: float,
-                        next_attempt_at_ms: int | None) -> Event:
+                        next_attempt_at_ms: int | None, fence: Fence | None = None) -> Event:
     """One failed attempt; `next_attempt_at` is None when no retry follows."""
-    return Event(NOTIFICATION_FAILED, {
+    return Event(NOTIFICATION_FAILED, _fenced({
         "run": run, "token": token, "at": iso_ms(at_ms), "attempt": attempt,
         "apns_id": apns_id, "status": status, "reason": reason, "verdict": verdict,
         "apple_timestamp_ms": apple_timestamp_ms, "latency_ms": round(latency_ms, 3),
         "next_attempt_at": None if next_attempt_at_ms is None else iso_ms(next_attempt_at_ms),
-    })
+    }, fence))
 
 
 def notification_abandoned(run: int, token: str, at_ms: int, *, attempts: int, apns_id: str,
-                           last_reason: str | None) -> Event:
-    return Event(NOTIFICATION_ABANDONED, {
+                           last_reason: str | None, fence: Fence | None = None) -> Event:
+    return Event(NOTIFICATION_ABANDONED, _fenced({
         "run": run, "token": token, "at": iso_ms(at_ms), "attempts": attempts,
         "apns_id": apns_id, "last_reason": last_reason,
-    })
+    }, fence))
+
+
+def fence_of(data: Mapping[str, Any]) -> Fence | None:
+    """The (shard, epoch) an outcome event was sent under, or None."""
+    epoch = data.get("epoch")
+    return None if epoch is None else (data["shard"], epoch)
+
+
+def shard_leased(at_ms: int, *, process: str, host: str, shard: int, epoch: int,
+                 took_from: str | None) -> Event:
+    """`process` holds `shard` from now, at `epoch`; `took_from`: the holder whose lease
+    had expired (a takeover), None when the shard was free."""
+    return Event(SHARD_LEASED, {"at": iso_ms(at_ms), "process": process, "host": host,
+                                "shard": shard, "epoch": epoch, "took_from": took_from})
+
+
+def shard_released(at_ms: int, *, process: str, host: str, shard: int, epoch: int,
+                   why: str) -> Event:
+    """`process` gave `shard` up (`why`: "stopping" or "rebalancing"), its sends drained."""
+    return Event(SHARD_RELEASED, {"at": iso_ms(at_ms), "process": process, "host": host,
+                                  "shard": shard, "epoch": epoch, "why": why})
 
 
 def relay_halted(at_ms: int, *, halt_class: str, reason: str | None, status: int | None,

@@ -142,6 +142,15 @@ class WakeupConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several relay processes on one database: the run's tokens in `shards` hash ranges,
+    leased by the live processes for `lease_ttl` seconds at a time (relay/cluster.py)."""
+
+    shards: int = 64
+    lease_ttl: float = 10.0
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     clock_skew: float = 5.0
 
@@ -165,6 +174,7 @@ class Config:
     apns: ApnsConfig = field(default_factory=ApnsConfig)
     wakeup: WakeupConfig = field(default_factory=WakeupConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<embedded defaults>"
@@ -227,6 +237,18 @@ def _int_at_least(minimum: int) -> Parser:
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
         return value
+
+    return parse
+
+
+def _int_between(minimum: int, maximum: int) -> Parser:
+    at_least = _int_at_least(minimum)
+
+    def parse(value: object) -> int:
+        number: int = at_least(value)
+        if number > maximum:
+            raise ValueError(f"must be at most {maximum}, got {number}")
+        return number
 
     return parse
 
@@ -318,6 +340,8 @@ _PARSERS: dict[str, dict[str, Parser]] = {
         "progress_interval": _duration_at_least(0.1),
     },
     "registry": {"clock_skew": _duration_at_least(0)},
+    # Shards are ranges of a 16-bit token hash (relay/cluster.py): at most 65,536 of them.
+    "cluster": {"shards": _int_between(1, 65536), "lease_ttl": _duration_at_least(1)},
     "audit": {"signing_key": _optional(_path), "checkpoint_dir": _optional(_path)},
     "logging": {"level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
                 "format": _choice("text", "json")},
@@ -329,6 +353,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "apns": ApnsConfig,
     "wakeup": WakeupConfig,
     "registry": RegistryConfig,
+    "cluster": ClusterConfig,
     "audit": AuditConfig,
     "logging": LoggingConfig,
 }

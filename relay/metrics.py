@@ -76,3 +76,15 @@ BREAKER_PAUSE = Gauge(
     "relay_wakeup_breaker_pause_seconds", "The configured wakeup.breaker_pause.",
     registry=REGISTRY,
 )
+# Several relays (relay/cluster.py).
+FENCED_OUTCOMES = Counter(
+    "relay_fenced_outcomes", "Outcome events refused because their shard's lease had moved "
+    "to another process (a newer epoch).", registry=REGISTRY,
+)
+SHARDS_HELD = Gauge(
+    "relay_cluster_shards_held", "Shards this process holds a lease on.", registry=REGISTRY
+)
+LEASE_CHANGES = Counter(
+    "relay_cluster_lease_changes", "Shard leases this process took or gave up.", ["change"],
+    registry=REGISTRY,
+)

@@ -28,6 +28,7 @@ RUNTIME_GRANTS = (
     "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON devices, runs TO {role}",
     "GRANT SELECT, INSERT, DELETE ON journal_batches TO {role}",
     "GRANT SELECT ON schema_migrations TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON cluster_shards, cluster_members TO {role}",
 )
 
 _OWNED = ("events", "log_head")
