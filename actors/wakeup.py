@@ -33,14 +33,8 @@ from typing import Any
 import pykka
 
 from actors.delivery import HaltInfo
-from actors.dispatcher import (
-    Dispatcher,
-    Drain,
-    Progress,
-    ProgressCallback,
-    RunResult,
-    Snapshot,
-)
+from actors.dispatcher import Dispatcher, Drain, Snapshot
+from actors.pace import Progress, ProgressCallback, RunResult
 from actors.registry import RegistryHandle
 from events.journal import Journal
 from events.store import LogReader

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 
 from actors import ProgressLogger, RegistryHandle, RunResult, WakeupRunner
-from actors.dispatcher import Progress, ProgressCallback
+from actors.pace import Progress, ProgressCallback
 from events import checkpoint
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
