@@ -110,8 +110,10 @@ class Delivery:
     """The state of one token in one run; resumable from the log's `TokenState`."""
 
     def __init__(self, run: int, token: str, policy: DeliveryPolicy, *, attempts: int = 0,
-                 next_attempt_at_ms: int | None = None, apns_id: str | None = None) -> None:
+                 next_attempt_at_ms: int | None = None, apns_id: str | None = None,
+                 fence: ev.Fence | None = None) -> None:
         self.run, self.token, self.policy = run, token, policy
+        self.fence = fence  # the token shard and lease epoch its outcomes are sent under
         self.attempts = attempts
         self.next_attempt_at_ms = next_attempt_at_ms
         self.apns_id = apns_id or new_apns_id()
@@ -129,7 +131,7 @@ class Delivery:
         """Give up without another send: the attempts are used up."""
         return Decision(Outcome.ABANDONED, (ev.notification_abandoned(
             self.run, self.token, at_ms, attempts=self.attempts, apns_id=self.apns_id,
-            last_reason=last_reason),))
+            last_reason=last_reason, fence=self.fence),))
 
     def on_answer(self, result: ApnsResult) -> Decision:
         """Decide on APNs' answer to one send and update the state to match."""
@@ -141,7 +143,7 @@ class Delivery:
             self.next_attempt_at_ms = None
             return Decision(Outcome.DELIVERED, (ev.notification_delivered(
                 self.run, self.token, at_ms, attempt=self.attempts, apns_id=self.apns_id,
-                status=result.status or 200, latency_ms=latency_ms),))
+                status=result.status or 200, latency_ms=latency_ms, fence=self.fence),))
 
         retry_at: int | None = None
         if verdict is Verdict.TRANSIENT and not self.exhausted:
@@ -153,7 +155,7 @@ class Delivery:
             self.run, self.token, at_ms, attempt=self.attempts, apns_id=self.apns_id,
             status=result.status, reason=result.reason, verdict=verdict.value,
             apple_timestamp_ms=result.timestamp_ms, latency_ms=latency_ms,
-            next_attempt_at_ms=retry_at)
+            next_attempt_at_ms=retry_at, fence=self.fence)
 
         if verdict is Verdict.TRANSIENT:
             if retry_at is not None:

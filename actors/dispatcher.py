@@ -8,11 +8,21 @@ with the LogReader (retrying the database), tells the Sender shards their work,
 appends the run's events, and wakes itself with an alarm for the breaker's
 probe and database retries.
 
-It also owns the run's end: the run finishes
-when the pages are exhausted and every token taken has a final outcome; it is
-left unfinished (for the next start to resume) when a stop is requested or APNs
-reports a relay bug or configuration error, after which `relay_halted` is
-appended and the halt reported to the owner.
+Several relays (relay/cluster.py): the run is started or joined through
+`ClusterLog` (started once cluster-wide), and this process drives only the token
+shards its `LeaseKeeper` holds, checked at every feed and every `LEASE_CHECK`
+seconds: a shard newly held is paged from its start, a lost one is dropped, one
+to give up (rebalancing) is paged no more and released once its sends are
+answered. Every token goes out with its shard's epoch, which its outcome events
+carry, so a process whose lease moved on cannot record them (fencing).
+
+It also owns the run's end: once its shards are read and every token it took has
+a final outcome, it asks `ClusterLog.finish`, which appends `run_finished` only
+when no active token is left without one, whoever drove it; until then it reads
+its shards again every `FINISH_POLL` seconds (for takeovers and tokens registered
+behind a cursor). The run is left unfinished (for the next start to resume) when
+a stop is requested or APNs reports a relay bug or configuration error, after
+which `relay_halted` is appended and the halt reported to the owner.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import pykka
 from actors.alarm import Alarm
 from actors.breaker import CircuitBreaker
 from actors.delivery import DeliveryPolicy
-from actors.pace import ProgressCallback, RunPace, RunResult
+from actors.pace import Cursor, ProgressCallback, RunPace, RunResult, ShardPages
 from actors.registry import RegistryHandle
 from actors.sender import (
     CreditWanted,
@@ -49,11 +59,16 @@ from events.journal import Journal
 from events.store import LogReader, TokenState
 from relay import metrics
 from relay.apns.processes import NotificationClient
+from relay import cluster
 from relay.backoff import DecorrelatedJitter
+from relay.cluster import ClusterLog, LeaseKeeper, Leases
 from relay.config import WakeupConfig
 from relay.database import RetryPauses
 
 log = logging.getLogger(__name__)
+
+LEASE_CHECK = 0.5  # seconds between looks at the leases while nothing else happens
+FINISH_POLL = 1.0  # seconds between attempts to finish a run other processes still drive
 
 @dataclass(frozen=True)
 class Drain:
@@ -77,31 +92,40 @@ class _Wake:
 
 @dataclass(frozen=True)
 class _Committed:
-    what: str  # "started", "halted" or "finished"
+    what: str  # "halted"
     error: BaseException | None = None
 
 
 class Dispatcher(pykka.ThreadingActor):
     def __init__(self, config: WakeupConfig, *, reader: LogReader, journal: Journal,
                  client: NotificationClient, registry: RegistryHandle, done: Future[RunResult],
+                 keeper: LeaseKeeper, runs: ClusterLog, force: bool = True,
                  progress: ProgressCallback | None = None,
                  rng: random.Random | None = None,
                  apns: Mapping[str, str | None] | None = None) -> None:
+        """`force`: start a run now, else only if one is due (`wakeup.interval` after the
+        last started); either way an unfinished run is joined."""
         super().__init__()
         self._apns = apns  # where the run sends, recorded in run_started
+        self._keeper, self._runs, self._force = keeper, runs, force
+        self._leases: Leases | None = None
+        self._waiting_to_finish = False
         self._config, self._reader, self._journal = config, reader, journal
         self._client, self._registry, self._done = client, registry, done
         self._progress_cb = progress
         self._policy = DeliveryPolicy(config.attempts, DecorrelatedJitter(
             config.backoff_base, config.backoff_max, config.backoff_factor, rng))
-        self._pace = RunPace(config.max_in_flight, CircuitBreaker(config.breaker_pause))
+        shards = keeper.shards
+        pages = ShardPages(self._read_page, lambda shard: (cluster.shard_bounds(shard, shards)[0], ""),
+                           lambda shard, token: (cluster.token_point(token), token))
+        self._pace = RunPace(config.max_in_flight, CircuitBreaker(config.breaker_pause), pages)
         self._alarm = Alarm(lambda: _tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
         self._shards: list[pykka.ActorRef[SenderShard]] = []
 
         self._base = RunResult(run=None, finished=False)  # the counts live in `_pace`
         self._started = False
         self._halt_recorded = False
-        self._finishing = False
+        self._finish_again_at = 0.0
         self._db_pauses = RetryPauses()
         self._db_retry_at: float | None = None
         self._t0 = time.monotonic()
@@ -122,6 +146,7 @@ class Dispatcher(pykka.ThreadingActor):
         self.actor_ref.tell(_Begin())
 
     def on_stop(self) -> None:
+        self._keeper.driving = False
         self._stop_children()
         if not self._done.done():
             self._done.set_result(replace(self._result, stopped=True, drained=False))
@@ -130,6 +155,7 @@ class Dispatcher(pykka.ThreadingActor):
                    exception_value: BaseException | None,
                    traceback: TracebackType | None) -> None:
         """pykka skips on_stop after a failure: stop the shards here, and tell the owner."""
+        self._keeper.driving = False
         self._stop_children()
         if not self._done.done() and exception_value is not None:
             self._done.set_exception(exception_value)
@@ -165,9 +191,12 @@ class Dispatcher(pykka.ThreadingActor):
         elif isinstance(message, _Committed):
             self._committed(message)
             return None
-        elif (isinstance(message, _Wake) and not self._started
-              and self._db_retry_at is not None):
-            self._begin()
+        elif isinstance(message, _Wake):
+            if not self._started:
+                if self._db_retry_at is not None:
+                    self._begin()
+            else:
+                self._tick()
         self._feed()
         return None
 
@@ -179,39 +208,73 @@ class Dispatcher(pykka.ThreadingActor):
         else:
             self._halt(report)
 
+    # --- the shards this process drives ------------------------------------------------
+
+    def _tick(self) -> None:
+        """Every LEASE_CHECK seconds while the run is driven: another look at the run."""
+        if self._done.done():
+            return
+        self._alarm.at(time.monotonic() + LEASE_CHECK)
+        if self._waiting_to_finish and time.monotonic() >= self._finish_again_at:
+            self._waiting_to_finish = False
+            self._pace.pages.again()
+
+    def _sync_leases(self) -> None:
+        """Drive the shards held now: new ones from their start, lost ones dropped, those
+        to give up paged no more and released once their sends are answered."""
+        leases = self._keeper.leases()
+        pages, pace = self._pace.pages, self._pace
+        if leases is not self._leases:
+            self._leases = leases
+            for shard, epoch in list(pages.epochs.items()):
+                if leases.held.get(shard) != epoch:
+                    log.warning("no longer driving shard %d: its lease was lost", shard)
+                    pace.drop(shard)
+            for shard, epoch in leases.held.items():
+                if shard not in pages.epochs and shard not in leases.draining:
+                    pages.drive(shard, epoch)
+            for shard in leases.draining:
+                pages.stop_paging(shard)
+        drained = [s for s in leases.draining
+                   if s in pages.epochs and pace.in_flight_in[s] <= 0]
+        if drained:
+            self._keeper.release(drained, cluster.WHY_REBALANCING)
+            for shard in drained:
+                pace.drop(shard)
+
     # --- the run -------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        """Resume the unfinished run, else start a new one."""
+        """Join the unfinished run, else start a new one (if due, or forced)."""
         self._db_retry_at = None
         try:
-            unfinished = self._reader.unfinished_run()
-            if unfinished is None:
-                run = self._reader.next_run_number()
-                tokens = self._reader.active_count()
+            record, ours = self._runs.start_or_join(self._config.interval, force=self._force,
+                                                    apns=self._apns)
         except psycopg.Error as exc:
             self._retry_db("start the run", exc)
             return
         self._db_pauses.reset()
-        if unfinished is not None:
-            self._base = RunResult(
-                run=unfinished.run, finished=False, resumed=True, tokens=unfinished.tokens,
-                delivered=unfinished.delivered, failed=unfinished.failed,
-                abandoned=unfinished.abandoned, dead=unfinished.dead,
-                unregistered=unfinished.unregistered, kept=unfinished.kept)
-            self._pace.resume(self._base)
-            log.info("resuming unfinished run %d (%d tokens, %d already done)",
-                     unfinished.run, unfinished.tokens, self._pace.done_at_start)
-            self._take_up(unfinished.run)
+        if record is None:
+            self._done.set_result(self._base)  # no run is due
             return
-        metrics.DEVICES_REGISTERED.set(tokens)
-        self._result = RunResult(run=run, finished=False, tokens=tokens)
-        log.info("starting run %d over %d registered tokens", run, tokens,
-                 extra={"run": run, "total": tokens})
-        self._append([ev.run_started(run, ev.now_ms(), tokens, apns=self._apns)], "started")
+        self._base = RunResult(
+            run=record.run, finished=False, resumed=not ours, tokens=record.tokens,
+            delivered=record.delivered, failed=record.failed, abandoned=record.abandoned,
+            dead=record.dead, unregistered=record.unregistered, kept=record.kept)
+        self._pace.resume(self._base)
+        if ours:
+            metrics.DEVICES_REGISTERED.set(record.tokens)
+            log.info("starting run %d over %d registered tokens", record.run, record.tokens,
+                     extra={"run": record.run, "total": record.tokens})
+        else:
+            log.info("taking up unfinished run %d (%d tokens, %d already done)",
+                     record.run, record.tokens, self._pace.done_at_start)
+        self._take_up(record.run)
 
     def _take_up(self, run: int) -> None:
         self._started = True
+        self._keeper.driving = True
+        self._alarm.at(time.monotonic() + LEASE_CHECK)
         metrics.BREAKER_OPEN.set(0)  # a new breaker, closed
         self._t0 = time.monotonic()
         self._shards = [
@@ -225,21 +288,8 @@ class Dispatcher(pykka.ThreadingActor):
         if message.error is not None:
             self._fail(message.error)
             return
-        if message.what == "started":
-            assert self._result.run is not None
-            self._take_up(self._result.run)
-        elif message.what == "halted":
+        if message.what == "halted":
             self._halt_recorded = True
-        elif message.what == "finished":
-            metrics.RUNS.inc()
-            metrics.LAST_RUN_FINISHED.set_to_current_time()
-            metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
-            self._result = replace(self._result, finished=True)
-            self._report_progress()
-            log.info("run %s finished: %s", self._result.run, _counts(self._result),
-                     extra={"run": self._result.run})
-            self._done.set_result(self._result)
-            return
         self._feed()
 
     def _feed(self) -> None:
@@ -249,10 +299,11 @@ class Dispatcher(pykka.ThreadingActor):
             if self._pace.stopping and self._db_retry_at is not None and not self._done.done():
                 self._done.set_result(self._result)
             return
-        if self._finishing or self._done.done():
+        if self._done.done():
             return
+        self._sync_leases()
         # One message per shard per feed, however many credits this feed hands out.
-        work = self._pace.feed(len(self._shards), self._read_page)
+        work = self._pace.feed(len(self._shards))
         for shard, items in work.items():
             self._shards[shard].tell(Work(tuple(items)))
         resume_at = self._pace.breaker.resume_at
@@ -260,13 +311,14 @@ class Dispatcher(pykka.ThreadingActor):
             self._alarm.at(resume_at)
         self._maybe_end()
 
-    def _read_page(self, cursor: str, limit: int) -> Sequence[TokenState] | None:
+    def _read_page(self, shard: int, cursor: Cursor, limit: int) -> Sequence[TokenState] | None:
         assert self._base.run is not None
         if self._db_retry_at is not None and time.monotonic() < self._db_retry_at:
             return None  # the database failed a moment ago: wait for the alarm
         self._db_retry_at = None
         try:
-            page = self._reader.due_tokens(self._base.run, cursor, limit)
+            page = self._reader.due_tokens_in(
+                self._base.run, cluster.shard_bounds(shard, self._keeper.shards), cursor, limit)
         except psycopg.Error as exc:
             self._retry_db("read due tokens", exc)
             return None
@@ -297,7 +349,7 @@ class Dispatcher(pykka.ThreadingActor):
             metrics.BREAKER_OPENED_AT.set_to_current_time()
 
     def _halt(self, report: HaltReported) -> None:
-        self._pace.halt_reported()
+        self._pace.halt_reported(report.fence)
         if self._base.halted is not None:
             return
         halt = report.halt
@@ -314,16 +366,35 @@ class Dispatcher(pykka.ThreadingActor):
                 self._report_progress()
                 self._done.set_result(self._result)
             return
-        if self._pace.all_done and not self._finishing:
-            self._finishing = True
-            run = self._base.run
-            assert run is not None
-            self._base = replace(self._base, tokens=self._pace.tokens)
-            result = self._result
-            self._append([ev.run_finished(
-                run, ev.now_ms(), tokens=result.tokens, delivered=result.delivered,
-                failed=result.failed, abandoned=result.abandoned, dead=result.dead,
-                unregistered=result.unregistered, kept=result.kept)], "finished")
+        if self._pace.all_done and not self._waiting_to_finish:
+            self._finish()
+
+    def _finish(self) -> None:
+        """This process's part is done: the run finishes if every process's is."""
+        run = self._base.run
+        assert run is not None
+        try:
+            finish = self._runs.finish(run)
+        except psycopg.Error as exc:
+            self._retry_db("finish the run", exc)
+            finish = cluster.Finish(False)
+        if not finish.finished or finish.record is None:
+            self._waiting_to_finish = True
+            self._finish_again_at = time.monotonic() + FINISH_POLL
+            return
+        record = finish.record
+        metrics.LAST_RUN_FINISHED.set_to_current_time()
+        metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
+        if finish.by_us:
+            metrics.RUNS.inc()
+        self._result = replace(self._base, finished=True, tokens=record.tokens,
+                               delivered=record.delivered, failed=record.failed,
+                               abandoned=record.abandoned, dead=record.dead,
+                               unregistered=record.unregistered, kept=record.kept)
+        self._report_progress()
+        log.info("run %s finished%s: %s", run, "" if finish.by_us else " (by another process)",
+                 _counts(self._result), extra={"run": run})
+        self._done.set_result(self._result)
 
     def _append(self, events: list[ev.Event], what: str) -> None:
         ref = self.actor_ref

@@ -7,8 +7,12 @@ Dispatcher actor is its shell (messages, the Journal, the alarm, the reads).
   or `Grant` handed out costs one credit; every `TokenDone` or halt returns it.
 * The wanted queue: parked tokens (in back-off) that are due ask for a credit;
   they go before new tokens, so a retry is never starved by the rest of the run.
-* The page cursor: new tokens come from keyset pages of due tokens (memory holds
-  one page, never the registry); a page shorter than asked for is the last.
+* The pages: new tokens come from keyset pages of due tokens (memory holds one
+  page, never the registry), shard after shard of the token shards this process
+  drives (`ShardPages`, relay/cluster.py); a page shorter than asked for is the
+  shard's last. Every token is handed out with its shard's lease epoch (its fence);
+  a shard dropped (its lease lost, or given up) takes its tokens' counts with it,
+  and answers still coming for them only return their credits.
 * Breaker admission: every credit passes the circuit breaker first, so pausing
   the breaker pauses all sending.
 * The tally: delivered, failed attempts, abandoned, dead (unregistered, kept),
@@ -17,13 +21,13 @@ Dispatcher actor is its shell (messages, the Journal, the alarm, the reads).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from actors.breaker import BreakerState, CircuitBreaker
 from actors.delivery import HaltInfo, Outcome
-from actors.sender import Assign, CreditWanted, Grant, TokenDone, shard_of
+from actors.sender import Assign, CreditWanted, Drop, Grant, TokenDone, shard_of
 from events import types as ev
 from events.store import TokenState
 
@@ -77,23 +81,79 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 
-# Reads the next keyset page: (cursor, limit) -> the tokens after `cursor`, or None when
-# no page can be had now (the database failed a moment ago; the caller retries later).
-PageReader = Callable[[str, int], Sequence[TokenState] | None]
+# A keyset position within a shard: (token point, token); see relay/cluster.py.
+Cursor = tuple[int, str]
+# Reads the next keyset page of a shard: (shard, cursor, limit) -> the tokens after
+# `cursor`, or None when no page can be had now (the database failed a moment ago; the
+# caller retries later).
+PageReader = Callable[[int, Cursor, int], Sequence[TokenState] | None]
+
+
+class ShardPages:
+    """Keyset pages of due tokens over the shards this process drives, lowest shard first.
+
+    `start(shard)` is the cursor before a shard's first token and `after(shard, token)`
+    the cursor after `token`."""
+
+    def __init__(self, read: PageReader, start: Callable[[int], Cursor],
+                 after: Callable[[int, str], Cursor]) -> None:
+        self._read, self._start, self._after = read, start, after
+        self.epochs: dict[int, int] = {}  # the shards driven, with their leases' epochs
+        self._cursors: dict[int, Cursor] = {}  # the driven shards with pages still to read
+
+    def drive(self, shard: int, epoch: int) -> None:
+        self.epochs[shard] = epoch
+        self._cursors[shard] = self._start(shard)
+
+    def stop_paging(self, shard: int) -> None:
+        """No new tokens from `shard` (it is being given up); its tokens are still driven."""
+        self._cursors.pop(shard, None)
+
+    def drop(self, shard: int) -> None:
+        self.epochs.pop(shard, None)
+        self._cursors.pop(shard, None)
+
+    def again(self, paged: set[int] | frozenset[int] = frozenset()) -> None:
+        """Read every driven shard from its start again, but those in `paged` (tokens
+        registered behind a cursor, or left by a process whose lease ran out)."""
+        for shard in self.epochs:
+            if shard not in paged:
+                self._cursors[shard] = self._start(shard)
+
+    def holds(self, fence: ev.Fence | None) -> bool:
+        return fence is not None and self.epochs.get(fence[0]) == fence[1]
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._cursors
+
+    def read(self, limit: int) -> list[tuple[TokenState, ev.Fence]] | None:
+        shard = min(self._cursors)
+        page = self._read(shard, self._cursors[shard], limit)
+        if page is None:
+            return None
+        if len(page) < limit:
+            del self._cursors[shard]
+        elif page:
+            self._cursors[shard] = self._after(shard, page[-1].token)
+        fence = (shard, self.epochs[shard])
+        return [(state, fence) for state in page]
 
 
 class RunPace:
-    """The credit window, wanted queue, page cursor, breaker admission and tally of one run."""
+    """The credit window, wanted queue, pages, breaker admission and tally of one run."""
 
-    def __init__(self, max_in_flight: int, breaker: CircuitBreaker, *,
+    def __init__(self, max_in_flight: int, breaker: CircuitBreaker, pages: ShardPages, *,
                  page_size: int = PAGE_SIZE) -> None:
         self.max_in_flight, self.breaker, self.page_size = max_in_flight, breaker, page_size
+        self.pages = pages
         self.credits = max_in_flight
-        self._page: deque[TokenState] = deque()
-        self.cursor = ""
-        self.exhausted = False  # the last page has been read
+        self._page: deque[tuple[TokenState, ev.Fence]] = deque()
         self._wanted: deque[CreditWanted] = deque()
         self.active = 0  # tokens taken in this process without a final outcome yet
+        # Per driven shard: its tokens without a final outcome, and its sends in flight.
+        self.active_in: Counter[int] = Counter()
+        self.in_flight_in: Counter[int] = Counter()
         self.taken = 0  # tokens taken from the pages in this process
         self.stopping = False  # no more credits: a stop or a halt
         # The counters change with every token: plain ints, folded into a RunResult only
@@ -120,8 +180,16 @@ class RunPace:
 
     @property
     def all_done(self) -> bool:
-        """Every page read and every token taken has a final outcome: the run can finish."""
-        return self.exhausted and not self._page and self.active == 0
+        """Every page read and every token taken has a final outcome: this process's part
+        of the run is done (the run finishes once every process's is)."""
+        return self.pages.exhausted and not self._page and self.active == 0
+
+    def drop(self, shard: int) -> None:
+        """Stop driving `shard`: its lease is lost or given up. Its tokens are no longer
+        this process's to finish; answers still coming for them only return credits."""
+        self.pages.drop(shard)
+        self.active -= self.active_in.pop(shard, 0)
+        self.in_flight_in.pop(shard, None)
 
     # --- the tally -----------------------------------------------------------------------
 
@@ -157,49 +225,60 @@ class RunPace:
         """No more credits; the sends in flight still come back."""
         self.stopping = True
 
-    def feed(self, shards: int, read_page: PageReader) -> dict[int, list[Assign | Grant]]:
-        """Hand out credits, wanted tokens first, then new ones: the work for each shard.
+    def feed(self, shards: int) -> dict[int, list[Assign | Grant | Drop]]:
+        """Hand out credits, wanted tokens first, then new ones: the work for each Sender
+        shard (of `shards`). Wanted tokens of a shard no longer driven are dropped.
 
         Stops at the end of the credits, at a breaker that admits nothing, or when no page
         can be read now."""
-        work: dict[int, list[Assign | Grant]] = {}
+        work: dict[int, list[Assign | Grant | Drop]] = {}
+        pages = self.pages
         while self.credits > 0 and not self.stopping:
             if self._wanted:
-                if not self.breaker.admit(self._wanted[0].token):
+                wanted = self._wanted[0]
+                if not pages.holds(wanted.fence):
+                    self._wanted.popleft()
+                    work.setdefault(wanted.shard, []).append(Drop(wanted.token))
+                    continue
+                if not self.breaker.admit(wanted.token):
                     break
-                wanted = self._wanted.popleft()
+                self._wanted.popleft()
                 self.credits -= 1
+                self.in_flight_in[wanted.fence[0]] += 1  # type: ignore[index]
                 work.setdefault(wanted.shard, []).append(Grant(wanted.token))
                 continue
-            if not self._page and not self.exhausted:
-                page = read_page(self.cursor, self.page_size)
+            if not self._page and not pages.exhausted:
+                page = pages.read(self.page_size)
                 if page is None:
                     break
-                self._add_page(page)
+                self._page.extend(page)
+                continue
             if not self._page:
                 break
-            if not self.breaker.admit(self._page[0].token):
+            state, fence = self._page[0]
+            if not pages.holds(fence):
+                self._page.popleft()
+                continue
+            if not self.breaker.admit(state.token):
                 break
-            state = self._page.popleft()
+            self._page.popleft()
             self.credits -= 1
             self.active += 1
             self.taken += 1
-            work.setdefault(shard_of(state.token, shards), []).append(Assign(state))
+            self.active_in[fence[0]] += 1
+            self.in_flight_in[fence[0]] += 1
+            work.setdefault(shard_of(state.token, shards), []).append(Assign(state, fence))
         return work
-
-    def _add_page(self, page: Sequence[TokenState]) -> None:
-        if len(page) < self.page_size:
-            self.exhausted = True
-        if page:
-            self.cursor = page[-1].token
-            self._page.extend(page)
 
     def token_done(self, done: TokenDone) -> bool | None:
         """A credit comes back with a token's answer. Returns the breaker's new state when
         it opened (True) or closed (False) on this answer, else None."""
         self.credits += 1
         changed: bool | None = None
-        if done.sent:
+        driven = self.pages.holds(done.fence)
+        if driven:
+            self.in_flight_in[done.fence[0]] -= 1  # type: ignore[index]
+        if done.sent and not done.fenced:
             self.sends += 1
             was_open = self.breaker.state is not BreakerState.CLOSED
             self.breaker.record(done.token, done.status, done.reason)
@@ -209,9 +288,14 @@ class RunPace:
         else:
             self.breaker.void_probe(done.token)
         self.failed += done.failed_events
+        if done.fenced and driven:  # refused: the lease moved on, the token is not ours
+            self.active -= 1
+            self.active_in[done.fence[0]] -= 1  # type: ignore[index]
         if done.outcome is None or not done.outcome.final:
             return changed
-        self.active -= 1
+        if driven:
+            self.active -= 1
+            self.active_in[done.fence[0]] -= 1  # type: ignore[index]
         if done.outcome is Outcome.DELIVERED:
             self.delivered += 1
         elif done.outcome is Outcome.ABANDONED:
@@ -224,8 +308,10 @@ class RunPace:
                 self.kept += 1
         return changed
 
-    def halt_reported(self) -> None:
+    def halt_reported(self, fence: ev.Fence | None) -> None:
         """A halting answer: its credit comes back, as a failed attempt, and no more go out."""
         self.credits += 1
+        if self.pages.holds(fence):
+            self.in_flight_in[fence[0]] -= 1  # type: ignore[index]
         self.failed += 1
         self.stopping = True

@@ -38,7 +38,7 @@ from actors.alarm import Alarm
 from actors.delivery import Decision, Delivery, DeliveryPolicy, HaltInfo, Outcome
 from actors.registry import RegistryHandle
 from events import types as ev
-from events.journal import Journal
+from events.journal import Fenced, Journal
 from events.store import TokenState
 from relay import metrics
 from relay.apns import ApnsResult, Verdict
@@ -57,9 +57,11 @@ def shard_of(token: str, shards: int) -> int:
 
 @dataclass(frozen=True)
 class Assign:
-    """A new token for this run, with its state from the log (a resumed run keeps it)."""
+    """A new token for this run, with its state from the log (a resumed run keeps it),
+    and its token shard's lease epoch, which its outcome events carry (fencing)."""
 
     state: TokenState
+    fence: ev.Fence | None = None
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,17 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """Forget a parked token: its token shard is no longer driven by this process."""
+
+    token: str
+
+
+@dataclass(frozen=True)
 class Work:
     """What one feed of the Dispatcher hands this shard, as one message."""
 
-    items: tuple[Assign | Grant, ...]
+    items: tuple[Assign | Grant | Drop, ...]
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class _Outcome:
     sent: bool
     status: int | None
     reason: str | None = None
+    fence: ev.Fence | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,12 @@ class _Flush:
 
 @dataclass(frozen=True)
 class _Recorded:
+    outcomes: list[_Outcome]
+
+
+@dataclass(frozen=True)
+class _Refused:
+    fence: ev.Fence | None
     outcomes: list[_Outcome]
 
 
@@ -120,12 +136,15 @@ class TokenDone:
     failed_events: int
     dead_decision: str | None = None  # for a dead token: the Registry's event type, if any
     reason: str | None = None  # APNs' reason, or why there was no answer (for the breaker)
+    fence: ev.Fence | None = None  # the token's shard and lease epoch
+    fenced: bool = False  # its outcome was refused: the lease had moved to another process
 
 
 @dataclass(frozen=True)
 class CreditWanted:
     shard: int
     token: str
+    fence: ev.Fence | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,7 @@ class HaltReported:
     token: str
     halt: HaltInfo
     status: int | None
+    fence: ev.Fence | None = None
 
 
 @dataclass(frozen=True)
@@ -197,9 +217,11 @@ class SenderShard(pykka.ThreadingActor):
         if isinstance(message, Work):
             for item in message.items:
                 if isinstance(item, Assign):
-                    self._assign(item.state)
-                else:
+                    self._assign(item.state, item.fence)
+                elif isinstance(item, Grant):
                     self._grant(item.token)
+                else:
+                    self._deliveries.pop(item.token, None)
         elif isinstance(message, _Answered):
             with self._answers_lock:
                 answers, self._answers = self._answers, []
@@ -210,6 +232,8 @@ class SenderShard(pykka.ThreadingActor):
         elif isinstance(message, _Recorded):
             for outcome in message.outcomes:
                 self._act(outcome)
+        elif isinstance(message, _Refused):
+            self._refused(message)
         elif isinstance(message, _Tick):
             self._ask_for_due()
 
@@ -220,9 +244,10 @@ class SenderShard(pykka.ThreadingActor):
         else:
             self._send(delivery)
 
-    def _assign(self, state: TokenState) -> None:
+    def _assign(self, state: TokenState, fence: ev.Fence | None) -> None:
         delivery = Delivery(self._run, state.token, self._policy, attempts=state.attempts,
-                            next_attempt_at_ms=state.next_attempt_at_ms, apns_id=state.apns_id)
+                            next_attempt_at_ms=state.next_attempt_at_ms, apns_id=state.apns_id,
+                            fence=fence)
         self._deliveries[state.token] = delivery
         now = ev.now_ms()
         if delivery.exhausted:
@@ -231,7 +256,7 @@ class SenderShard(pykka.ThreadingActor):
             self._send(delivery)
         else:
             self._park(delivery)
-            self._report(TokenDone(delivery.token, None, False, None, 0))
+            self._report(TokenDone(delivery.token, None, False, None, 0, fence=fence))
 
     def _send(self, delivery: Delivery) -> None:
         token = delivery.token
@@ -281,7 +306,8 @@ class SenderShard(pykka.ThreadingActor):
         `_Flush` told to ourselves queues behind the answers already in the inbox, so a
         busy shard batches by itself and an idle one appends at once.
         """
-        self._unrecorded.append(_Outcome(token, decision, sent, status, reason))
+        fence = self._deliveries[token].fence
+        self._unrecorded.append(_Outcome(token, decision, sent, status, reason, fence))
         if len(self._unrecorded) == 1:
             self.actor_ref.tell(_Flush())
 
@@ -289,30 +315,49 @@ class SenderShard(pykka.ThreadingActor):
         outcomes, self._unrecorded = self._unrecorded, []
         if not outcomes:
             return
+        # One append per token shard: the Journal refuses a stale epoch's append whole.
+        by_fence: dict[ev.Fence | None, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_fence.setdefault(outcome.fence, []).append(outcome)
+        for fence, group in by_fence.items():
+            self._append(fence, group)
+
+    def _append(self, fence: ev.Fence | None, outcomes: list[_Outcome]) -> None:
         ref, dispatcher = self.actor_ref, self._dispatcher
         appended = self._journal.append([e for o in outcomes for e in o.decision.events])
 
         def committed(future: Future[list[int]]) -> None:
             error = CancelledError() if future.cancelled() else future.exception()
-            if error is not None:
+            if isinstance(error, Fenced):
+                _tell_quietly(ref, _Refused(fence, outcomes))
+            elif error is not None:
                 _tell_quietly(dispatcher, ShardFault(error))
-                return
-            _tell_quietly(ref, _Recorded(outcomes))
+            else:
+                _tell_quietly(ref, _Recorded(outcomes))
 
         appended.add_done_callback(committed)
+
+    def _refused(self, refused: _Refused) -> None:
+        """The lease moved on while these were sent: nothing of them is in the log, and
+        the tokens are the new holder's now."""
+        for outcome in refused.outcomes:
+            self._deliveries.pop(outcome.token, None)
+            self._report(TokenDone(outcome.token, None, outcome.sent, outcome.status, 0,
+                                   fence=refused.fence, fenced=True))
 
     def _act(self, recorded: _Outcome) -> None:
         token, decision = recorded.token, recorded.decision
         failed = sum(1 for e in decision.events if e.type == ev.NOTIFICATION_FAILED)
+        fence = recorded.fence
         done = TokenDone(token, decision.outcome, recorded.sent, recorded.status, failed,
-                         recorded.reason)
+                         recorded.reason, fence=fence)
         if decision.outcome is Outcome.RETRY:
             self._park(self._deliveries[token])
             self._report(done)
             return
         del self._deliveries[token]
         if decision.halt is not None:
-            self._report(HaltReported(token, decision.halt, recorded.status))
+            self._report(HaltReported(token, decision.halt, recorded.status, fence))
             return
         _outcome_counter(decision.outcome).inc()
         if decision.dead is None:
@@ -341,8 +386,9 @@ class SenderShard(pykka.ThreadingActor):
         now = ev.now_ms()
         while self._parked and self._parked[0][0] <= now:
             _, token = heapq.heappop(self._parked)
-            if token in self._deliveries:
-                self._report(CreditWanted(self._index, token))
+            delivery = self._deliveries.get(token)
+            if delivery is not None:
+                self._report(CreditWanted(self._index, token, delivery.fence))
         if self._parked:
             self._alarm.at(time.monotonic() + max(0.0, (self._parked[0][0] - now) / 1000))
 

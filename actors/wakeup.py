@@ -12,9 +12,12 @@ Wiring, in dependency order (stop in reverse)::
     journal = Journal(dsn); journal.start()
     registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
     client = open_client(config.apns, expiration=config.wakeup.interval); client.start()
-    runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client, registry=registry)
+    keeper = LeaseKeeper(dsn, config.cluster); keeper.start()  # this process's shards
+    runner = WakeupRunner(config, dsn=dsn, journal=journal, client=client, registry=registry,
+                          keeper=keeper)
     result = runner.run_once(ProgressLogger(config.wakeup.progress_interval))
     # result.halted is not None -> exit status 9; runner.request_stop() on SIGTERM/SIGINT
+    keeper.stop()  # releases the shards, once the run has drained
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from actors.registry import RegistryHandle
 from events.journal import Journal
 from events.store import LogReader
 from relay.apns.processes import NotificationClient
+from relay.cluster import ClusterLog, LeaseKeeper
 from relay.config import Config
 
 __all__ = ["HaltInfo", "Progress", "ProgressLogger", "RunResult", "WakeupRunner"]
@@ -55,24 +59,24 @@ class WakeupRunner:
     """Runs wakeups one at a time over the caller's Journal, APNs client and Registry."""
 
     def __init__(self, config: Config, *, dsn: str, journal: Journal, client: NotificationClient,
-                 registry: RegistryHandle, rng: random.Random | None = None,
+                 registry: RegistryHandle, keeper: LeaseKeeper, rng: random.Random | None = None,
                  apns_target: Mapping[str, str | None] | None = None) -> None:
         self._config, self._dsn, self._apns_target = config, dsn, apns_target
+        self._keeper, self._runs = keeper, ClusterLog(dsn)
         self._journal, self._client, self._registry, self._rng = journal, client, registry, rng
         self._lock = threading.Lock()
         self._dispatcher: pykka.ActorRef[Dispatcher] | None = None
         self._stop: Future[None] = Future()
 
     def run_once(self, progress: ProgressCallback | None = None, *,
-                 lost: Future[None] | None = None) -> RunResult:
-        """Run (or resume) one wakeup to its end, a halt, or a requested stop. `lost`
-        resolved (from any thread) drains this run as a stop does, without refusing the
-        next: the run lock was lost (relay.supervisor.drive_run)."""
+                 force: bool = True) -> RunResult:
+        """Drive one wakeup (this process's shards of it) to its end, a halt, or a
+        requested stop: the unfinished run, else a new one, started now if `force`d,
+        else only if due (`run` None in the result when none is)."""
         if self._stop.done():
             return RunResult(run=None, finished=False, stopped=True)
-        # Outcomes an earlier take-up appended (one whose drain timed out after a lost run
-        # lock, say) must be in the log before this one reads it, or their tokens would be
-        # sent again and get a second outcome in the run.
+        # Outcomes an earlier take-up appended (one whose drain timed out, say) must be in
+        # the log before this one reads it, or their tokens would be sent again.
         settled = self._journal.barrier()
         waiting: list[Future[Any]] = [settled, self._stop]
         concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -82,13 +86,14 @@ class WakeupRunner:
         done: Future[RunResult] = Future()
         ref = Dispatcher.start(self._config.wakeup, reader=reader, journal=self._journal,
                                client=self._client, registry=self._registry, done=done,
+                               keeper=self._keeper, runs=self._runs, force=force,
                                progress=progress, rng=self._rng, apns=self._apns_target)
         with self._lock:
             self._dispatcher = ref
             if self._stop.done():
                 ref.tell(Drain())
         try:
-            return self._wait(ref, done, lost)
+            return self._wait(ref, done)
         finally:
             with self._lock:
                 self._dispatcher = None
@@ -109,14 +114,11 @@ class WakeupRunner:
     def stop_requested(self) -> bool:
         return self._stop.done()
 
-    def _wait(self, ref: pykka.ActorRef[Dispatcher], done: Future[RunResult],
-              lost: Future[None] | None) -> RunResult:
-        waiting: list[Future[Any]] = [done, self._stop, *([lost] if lost else [])]
+    def _wait(self, ref: pykka.ActorRef[Dispatcher], done: Future[RunResult]) -> RunResult:
+        waiting: list[Future[Any]] = [done, self._stop]
         concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         if done.done():
             return done.result()
-        if not self._stop.done():
-            ref.tell(Drain())  # the lock was lost
         timeout = max(0.0, self._config.wakeup.drain_timeout - STOP_RESERVE)
         try:
             return done.result(timeout=timeout)

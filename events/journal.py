@@ -292,6 +292,24 @@ def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -
     return appended
 
 
+def lock_head(cur: psycopg.Cursor[Any]) -> tuple[int, bytes]:
+    """Take the head lock in the caller's transaction: the head's (position, hash)."""
+    row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+    assert row is not None, "log_head has exactly one row"
+    return int(row[0]), bytes(row[1])
+
+
+def append_locked(cur: psycopg.Cursor[Any], events: Sequence[Event],
+                  head: tuple[int, bytes]) -> None:
+    """Append `events` after `head` in the caller's transaction, which holds the head
+    lock (`lock_head`) and whose connection was `projection.prepare`d: for decisions
+    taken with other rows in the same transaction (relay/cluster.py)."""
+    if events:
+        _, _, patch = _copy_events(cur, [_encode(event) for event in events], *head)
+        patch.copy(cur)
+        patch.merge(cur)
+
+
 def append_first(dsn: str, event: Event) -> bool:
     """Append `event` as the log's first event if the log is empty; True if it did. The
     head lock decides, so of processes starting together exactly one writes it."""

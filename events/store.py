@@ -109,3 +109,22 @@ class LogReader:
             {"run": run, "after": after, "limit": limit},
         )
         return [TokenState(*row) for row in rows]
+
+    def due_tokens_in(self, run: int, points: tuple[int, int], after: tuple[int, str],
+                      limit: int) -> list[TokenState]:
+        """`due_tokens` within one token shard: the tokens whose point (relay/cluster.py)
+        is in [low, high), in keyset pages by (point, token) after `after`."""
+        rows = self._query(
+            "SELECT token,"
+            "       CASE WHEN run = %(run)s THEN attempts ELSE 0 END,"
+            "       CASE WHEN run = %(run)s THEN next_attempt_at_ms END,"
+            "       CASE WHEN run = %(run)s THEN apns_id END"
+            "  FROM devices"
+            " WHERE active AND (token_point(token), token) > (%(point)s, %(after)s)"
+            "   AND token_point(token) < %(high)s"
+            "   AND (run IS DISTINCT FROM %(run)s OR final IS NULL)"
+            " ORDER BY token_point(token), token LIMIT %(limit)s",
+            {"run": run, "point": after[0], "after": after[1], "high": points[1],
+             "limit": limit},
+        )
+        return [TokenState(*row) for row in rows]
