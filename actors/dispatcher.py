@@ -33,7 +33,7 @@ import pykka
 from actors.alarm import Alarm
 from actors.breaker import CircuitBreaker
 from actors.delivery import DeliveryPolicy
-from actors.pace import ProgressCallback, RunPace, RunResult
+from actors.pace import ProgressCallback, RunPace, RunResult, counts
 from actors.registry import RegistryHandle
 from actors.sender import (
     CreditWanted,
@@ -236,7 +236,7 @@ class Dispatcher(pykka.ThreadingActor):
             metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
             self._result = replace(self._result, finished=True)
             self._report_progress()
-            log.info("run %s finished: %s", self._result.run, _counts(self._result),
+            log.info("run %s finished: %s", self._result.run, counts(self._result),
                      extra={"run": self._result.run})
             self._done.set_result(self._result)
             return
@@ -347,12 +347,6 @@ class Dispatcher(pykka.ThreadingActor):
             return
         self._progress_cb(self._pace.progress(run, self._base.tokens,
                                               time.monotonic() - self._t0))
-
-
-def _counts(result: RunResult) -> str:
-    return (f"{result.tokens} tokens, {result.delivered} delivered, {result.failed} failed "
-            f"attempts, {result.abandoned} abandoned, {result.dead} dead (unregistered "
-            f"{result.unregistered}, kept {result.kept})")
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
