@@ -43,7 +43,7 @@ import pykka
 from actors.alarm import Alarm
 from actors.breaker import CircuitBreaker
 from actors.delivery import DeliveryPolicy
-from actors.pace import Cursor, ProgressCallback, RunPace, RunResult, ShardPages
+from actors.pace import Cursor, ProgressCallback, RunPace, RunResult, ShardPages, counts
 from actors.registry import RegistryHandle
 from actors.sender import (
     CreditWanted,
@@ -57,9 +57,8 @@ from actors.sender import (
 from events import types as ev
 from events.journal import Journal
 from events.store import LogReader, TokenState
-from relay import metrics
+from relay import cluster, metrics
 from relay.apns.processes import NotificationClient
-from relay import cluster
 from relay.backoff import DecorrelatedJitter
 from relay.cluster import ClusterLog, LeaseKeeper, Leases
 from relay.config import WakeupConfig
@@ -116,7 +115,8 @@ class Dispatcher(pykka.ThreadingActor):
         self._policy = DeliveryPolicy(config.attempts, DecorrelatedJitter(
             config.backoff_base, config.backoff_max, config.backoff_factor, rng))
         shards = keeper.shards
-        pages = ShardPages(self._read_page, lambda shard: (cluster.shard_bounds(shard, shards)[0], ""),
+        pages = ShardPages(self._read_page,
+                           lambda shard: (cluster.shard_bounds(shard, shards)[0], ""),
                            lambda shard, token: (cluster.token_point(token), token))
         self._pace = RunPace(config.max_in_flight, CircuitBreaker(config.breaker_pause), pages)
         self._alarm = Alarm(lambda: _tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
@@ -393,7 +393,7 @@ class Dispatcher(pykka.ThreadingActor):
                                unregistered=record.unregistered, kept=record.kept)
         self._report_progress()
         log.info("run %s finished%s: %s", run, "" if finish.by_us else " (by another process)",
-                 _counts(self._result), extra={"run": run})
+                 counts(self._result), extra={"run": run})
         self._done.set_result(self._result)
 
     def _append(self, events: list[ev.Event], what: str) -> None:
@@ -418,12 +418,6 @@ class Dispatcher(pykka.ThreadingActor):
             return
         self._progress_cb(self._pace.progress(run, self._base.tokens,
                                               time.monotonic() - self._t0))
-
-
-def _counts(result: RunResult) -> str:
-    return (f"{result.tokens} tokens, {result.delivered} delivered, {result.failed} failed "
-            f"attempts, {result.abandoned} abandoned, {result.dead} dead (unregistered "
-            f"{result.unregistered}, kept {result.kept})")
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:

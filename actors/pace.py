@@ -53,6 +53,31 @@ class RunResult:
     drained: bool = True  # False: the drain timed out with sends still unanswered
 
 
+def counts(result: RunResult) -> str:
+    """The run's counts, as a clause of a log line."""
+    return (f"{result.tokens} tokens, {result.delivered} delivered, {result.failed} failed "
+            f"attempts, {result.abandoned} abandoned, {result.dead} dead (unregistered "
+            f"{result.unregistered}, kept {result.kept})")
+
+
+def summary(result: RunResult) -> str:
+    """How a call of the wakeup ended, as one sentence for the log (never a whole token)."""
+    if result.run is None:
+        return "stopped before the run started"
+    if result.halted is not None:
+        ended = f"halted ({result.halted.halt_class}: APNs answered {result.halted.reason})"
+    elif result.finished:
+        ended = "finished"
+    elif result.stopped and not result.drained:
+        ended = ("stopped with sends still unanswered (they are sent again when the run "
+                 "is resumed at the next start)")
+    elif result.stopped:
+        ended = "stopped (it is resumed at the next start)"
+    else:
+        ended = "left unfinished (it is resumed at the next start)"
+    return f"run {result.run} {ended}: {counts(result)}"
+
+
 @dataclass(frozen=True)
 class Progress:
     """For progress bars and logs: tokens done (final outcome) of `total` in this run."""

@@ -7,7 +7,8 @@ runs many wakeups over one set of connections. `request_stop()` (from a signal
 handler's thread, say) drains: no new sends, in-flight sends recorded, the run
 left unfinished for the next start to resume, all within `wakeup.drain_timeout`.
 
-Wiring, in dependency order (stop in reverse)::
+Wiring by hand, as tests do (the relay's own start sequence is `Supervisor.running`
+in relay/supervisor.py), in dependency order, stopped in reverse::
 
     journal = Journal(dsn); journal.start()
     registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
@@ -139,13 +140,17 @@ class ProgressLogger:
     def __init__(self, interval: float, logger: logging.Logger = log) -> None:
         self._interval, self._log = interval, logger
         self._last: float | None = None
+        self._last_line: tuple[int, int, int] | None = None  # (run, done, total) logged last
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
+        line = (progress.run, progress.done, progress.total)
         final = progress.done >= progress.total
         if self._last is not None and now - self._last < self._interval and not final:
             return
-        self._last = now
+        if final and line == self._last_line:
+            return  # the run's end is reported again when it is recorded: said once
+        self._last, self._last_line = now, line
         eta = progress.eta
         self._log.info("run %d: %d/%d tokens done (dead %d: unregistered %d, kept %d), "
                        "%.1f tokens/s, ETA %s", progress.run, progress.done, progress.total,

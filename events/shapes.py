@@ -57,7 +57,7 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     ev.SHARD_RELEASED: {"at": _STR, "process": _STR, "host": _STR, "shard": _INT,
                         "epoch": _INT, "why": _STR},
 }
-_FENCE = {"shard": _INT, "epoch": _INT}
+_FENCE: dict[str, tuple[type, ...]] = {"shard": _INT, "epoch": _INT}
 # Later versions and optional fields (events/types.py, EVENT VERSIONS).
 _LATER: dict[str, list[dict[str, tuple[type, ...]]]] = {
     ev.RUN_FINISHED: [{"dead": _INT, "kept": _INT, "v": _INT}],

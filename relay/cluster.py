@@ -34,7 +34,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,10 +297,19 @@ class Finish:
 
 
 class ClusterLog:
-    """The decisions every process may take and exactly one must: start a run, finish it."""
+    """The decisions every process may take and exactly one must: start a run, finish it.
+    One connection, kept (a broken one is dropped and made again at the next call)."""
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def start_or_join(self, interval: float, *, force: bool,
                       apns: Mapping[str, str | None] | None = None
@@ -340,7 +349,7 @@ class ClusterLog:
                               " ORDER BY run DESC LIMIT 1").fetchone()
         if row is None or row[1] is None:
             return 0.0
-        return max(0.0, (row[0] + interval * 1000 - ev.now_ms()) / 1000)
+        return max(0.0, (int(row[0]) + interval * 1000 - ev.now_ms()) / 1000)
 
     def finish(self, run: int) -> Finish:
         """Append `run_finished` if every active token has a final outcome in `run` and no
@@ -388,12 +397,19 @@ class ClusterLog:
         return bool(row and row[0])
 
     @contextlib.contextmanager
-    def _transaction(self) -> Any:
-        with connect(self._dsn, application_name="relay-cluster") as conn:
-            projection.prepare(conn)
-            conn.commit()
-            with conn.transaction(), conn.cursor() as cur:
-                yield cur
+    def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self._dsn, application_name="relay-cluster")
+                projection.prepare(self._conn)
+                self._conn.commit()
+            try:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    yield cur
+            except psycopg.OperationalError:
+                self._conn.close()
+                self._conn = None
+                raise
 
 
 def cluster_view(conn: psycopg.Connection[Any], ttl: float) -> dict[str, Any]:

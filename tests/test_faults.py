@@ -37,16 +37,10 @@ from relay.apns import Verdict
 from relay.apns.client import parse_error_body
 from relay.apns.connection import Http2Connection
 from relay.apns.processes import ApnsProcessPool
+from relay.cluster import LeaseKeeper
+from relay.config import ClusterConfig
+from relay.exits import ExitStatus
 from relay.simulator import ScriptedOutcome
-from relay.supervisor import (
-    EXIT_FAILURE,
-    RUN_LOCK_CHECK,
-    RUN_LOCK_KEY,
-    RUN_LOCK_SESSION,
-    RUN_LOCK_SILENCE,
-    _take_run_lock,
-    run_lock,
-)
 
 WAIT = 30.0
 
@@ -255,7 +249,7 @@ def test_a_crash_looping_sender_process_ends_the_relay_by_the_restart_budget(
                 while pool.alive() and not running.status.done():
                     time.sleep(0.01)
             time.sleep(0.01)
-        assert running.status.result(WAIT) == EXIT_FAILURE
+        assert running.status.result(WAIT) == ExitStatus.FAILURE
         assert kills == test_supervisor.FAST.max_restarts + 1
         [critical] = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
         assert "an APNs sender process" in critical and "exit code -9" in critical
@@ -298,31 +292,24 @@ class FreezableProxy:
                     sink.sendall(data)
 
 
-def test_a_run_lock_holder_cut_off_from_the_database_gives_the_run_up_within_its_bound(
+def test_a_lease_holder_cut_off_from_the_database_stops_driving_its_shards_within_the_lease(
         dsn: str) -> None:
+    """Its renewals go unanswered: by its own clock, started before each renewal was sent,
+    its leases run out no later than the database's (after which another process may take
+    the shards over), and it drives nothing from then on."""
     proxy = FreezableProxy(dsn)
-    stopping, lost = threading.Event(), threading.Event()
-    left: Future[None] = Future()
-
-    def hold() -> None:
-        with run_lock(proxy.dsn, stopping, on_lost=lost.set) as locked:
-            assert locked
-            lost.wait(WAIT)
-        left.set_result(None)
-
-    held = _take_run_lock(proxy.dsn, threading.Event())
-    assert held is not None
-    shown = [held.execute(f"SHOW {name}").fetchone() for name, _ in RUN_LOCK_SESSION]
-    assert shown[0] == ("5s",), "the lock's statements are bounded"
-    held.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
-    held.close()
-
-    threading.Thread(target=hold, daemon=True).start()
-    time.sleep(RUN_LOCK_CHECK * 1.5)
-    assert not lost.is_set()
-    proxy.frozen.set()
-    assert lost.wait(RUN_LOCK_CHECK + RUN_LOCK_SILENCE + 2.0), "the holder never noticed"
-    left.result(WAIT)  # and it leaves the lock without waiting on the silent session
+    keeper = LeaseKeeper(proxy.dsn, ClusterConfig(shards=4, lease_ttl=1.5))
+    keeper.start()
+    try:
+        assert set(keeper.leases().held) == {0, 1, 2, 3}
+        proxy.frozen.set()
+        frozen_at = time.monotonic()
+        while keeper.leases().held:
+            assert time.monotonic() - frozen_at < 1.5 + 0.2, "still driving past its lease"
+            time.sleep(0.05)
+    finally:
+        proxy.frozen.clear()
+        keeper.stop()
 
 
 # --- an ambiguous COMMIT at shutdown --------------------------------------------------------

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import apns_fixtures
-import psycopg
 import pytest
 from apns_fixtures import SimulatorFactory, token
 from relay_fixtures import events as read_events
@@ -28,18 +27,9 @@ from actors.sender import SenderShard
 from events import types as ev
 from events.journal import Journal
 from relay.config import ApnsConfig, Config, DatabaseConfig, HttpConfig, WakeupConfig
+from relay.exits import ExitStatus
 from relay.simulator import ApnsSimulator
-from relay.supervisor import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    RUN_LOCK_CHECK,
-    RUN_LOCK_KEY,
-    RestartBudget,
-    RestartPolicy,
-    Supervisor,
-    run_lock,
-    running_parts,
-)
+from relay.supervisor import RestartBudget, RestartPolicy, Supervisor
 
 simulator_factory = apns_fixtures.simulator_factory
 
@@ -79,8 +69,9 @@ class Supervise:
         config = Config(database=DatabaseConfig(dsn=self.dsn, data_dir=self.data_dir),
                         http=HttpConfig(listen=("127.0.0.1", 0)), apns=self.apns,
                         wakeup=WakeupConfig(**settings))
-        parts = self._parts.enter_context(running_parts(config, self.dsn))
-        return Running(Supervisor(config, self.dsn, parts, policy))
+        supervisor = Supervisor(config, self.dsn, policy)
+        self._parts.enter_context(supervisor.running(serve=True))
+        return Running(supervisor)
 
     def close(self) -> None:
         self._parts.close()
@@ -142,7 +133,7 @@ def test_a_crashed_registry_is_restarted_after_a_back_off(
     registry.register(token(2)).result(WAIT)
 
     assert restarted - crashes[0] >= FAST.backoff
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
     registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
     assert registered == [token(2)]
     assert any("the Registry crashed; restarting it in" in r.getMessage() for r in caplog.records)
@@ -172,7 +163,7 @@ def test_a_crashed_journal_writer_is_restarted_and_health_says_so_meanwhile(
     with pytest.raises(Exception, match="injected Journal bug"):
         lost.result(WAIT)
     assert running.supervisor.database_available()
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
     registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
     assert registered == [token(2)]
     assert any("the Journal's writer crashed; restarting it in" in r.getMessage()
@@ -190,7 +181,7 @@ def test_crashes_faster_than_the_policy_allows_end_the_process_with_status_1(
             registry.unregister(token(len(crashes) + 1))
         time.sleep(0.02)
         assert len(crashes) <= FAST.max_restarts + 1
-    assert running.status.result(WAIT) == EXIT_FAILURE
+    assert running.status.result(WAIT) == ExitStatus.FAILURE
     assert len(crashes) == FAST.max_restarts + 1
     assert running.supervisor.stopping.is_set() and not running.supervisor.worker_alive()
     assert any(r.levelno == logging.CRITICAL and "exiting so that the service manager"
@@ -215,7 +206,7 @@ def test_a_crashed_run_is_resumed_after_a_back_off_and_finishes(
     monkeypatch.setattr(SenderShard, "on_receive", crash_once)
     running = supervise()
     _until(lambda: any(kind == ev.RUN_FINISHED for kind, _ in read_events(dsn)), "the run's end")
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
 
     events = read_events(dsn)
     assert crashed.is_set()
@@ -239,7 +230,7 @@ def test_runs_follow_each_other_and_each_is_recorded_even_over_an_empty_registry
         running.supervisor.parts.registry.register(device).result(WAIT)
     _until(lambda: sum(1 for kind, _ in read_events(dsn) if kind == ev.RUN_FINISHED) >= 5,
            "runs over the tokens")
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
 
     events = read_events(dsn)
     marks = [(kind, d["run"]) for kind, d in events if kind in (ev.RUN_STARTED, ev.RUN_FINISHED)]
@@ -252,70 +243,4 @@ def test_runs_follow_each_other_and_each_is_recorded_even_over_an_empty_registry
     per_run = Counter((d["run"], d["token"]) for kind, d in events
                       if kind == ev.NOTIFICATION_DELIVERED)
     assert set(per_run.values()) == {1}, "a token was sent twice within one run"
-
-
-def test_the_run_lock_admits_one_process_and_gives_way_to_a_stop(dsn: str) -> None:
-    never = threading.Event()
-    with run_lock(dsn, never) as first:
-        assert first
-        stopping = threading.Event()
-        second: Future[bool] = Future()
-
-        def wait_for_the_lock() -> None:
-            with run_lock(dsn, stopping) as locked:
-                second.set_result(locked)
-
-        threading.Thread(target=wait_for_the_lock, daemon=True).start()
-        time.sleep(0.6)  # more than one poll of the lock
-        assert not second.done(), "two holders of the run lock"
-        stopping.set()
-        assert second.result(WAIT) is False
-    with run_lock(dsn, never) as again:
-        assert again, "the lock is free once its holder leaves"
-
-
-def test_a_lost_run_lock_stops_the_sends_until_the_lock_is_back_then_the_run_resumes(
-        supervise: Supervise, dsn: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A database restart ends the session holding the run lock: another process waiting
-    for it may take it. The holder notices within RUN_LOCK_CHECK, drains, and resumes
-    the run only once the lock is its own again; no token gets two outcomes."""
-    caplog.set_level(logging.INFO)
-    supervise.simulator.latency = 0.05
-    tokens = [token(i) for i in range(1, 401)]  # ~100 sends/s: a run of ~4 s
-    register(dsn, tokens)
-    running = supervise(max_in_flight=5, interval=3600)
-    _until(lambda: len(supervise.simulator.requests) >= 20, "the run to start sending")
-
-    held: list[float] = []
-    competitor_done = threading.Event()
-
-    def competitor() -> None:
-        with run_lock(dsn, threading.Event()) as locked:
-            assert locked
-            held.append(time.time())
-            time.sleep(2.5)
-            held.append(time.time())
-        competitor_done.set()
-
-    threading.Thread(target=competitor, daemon=True).start()
-    time.sleep(0.3)  # the competitor now polls for the lock
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        killed = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks"
-            " WHERE locktype = 'advisory' AND objid = %s AND granted",
-            (RUN_LOCK_KEY,)).fetchall()
-    assert killed == [(True,)]
-    assert competitor_done.wait(WAIT)
-    _until(lambda: any(kind == ev.RUN_FINISHED for kind, _ in read_events(dsn)), "the run's end")
-    assert running.finish() == EXIT_OK
-
-    quiet_from = held[0] + RUN_LOCK_CHECK + 0.2  # noticed by then, and drained
-    sent_meanwhile = [r for r in supervise.simulator.requests
-                      if quiet_from <= r.received_at <= held[1]]
-    assert sent_meanwhile == []
-    events = read_events(dsn)
-    outcomes = Counter(d["token"] for kind, d in events if kind == ev.NOTIFICATION_DELIVERED)
-    assert set(outcomes) == set(tokens) and set(outcomes.values()) == {1}
-    assert [d["run"] for kind, d in events if kind == ev.RUN_FINISHED] == [1]
-    assert "lost the run lock" in caplog.text
 

@@ -25,7 +25,8 @@ from events.audit import audit_main
 from events.journal import Journal
 from events.store import LogReader
 from relay.apns import ApnsClient
-from relay.config import Config, RegistryConfig, WakeupConfig
+from relay.cluster import LeaseKeeper, token_point
+from relay.config import ClusterConfig, Config, RegistryConfig, WakeupConfig
 from relay.simulator import ApnsSimulator, ScriptedOutcome, embedded_simulator
 
 TOPIC = "org.example.wallet"
@@ -48,6 +49,7 @@ class Relay:
     client: ApnsClient
     config: Config
     reader: LogReader
+    keeper: LeaseKeeper  # this process's token shards: all of them (a cluster of one)
     runners: list[WakeupRunner] = field(default_factory=list)
 
     def register(self, tokens: list[str]) -> None:
@@ -58,7 +60,7 @@ class Relay:
         settings: dict[str, Any] = {"backoff_base": 0.05, "backoff_max": 0.2, **wakeup}
         config = Config(apns=self.config.apns, wakeup=WakeupConfig(**settings))
         runner = WakeupRunner(config, dsn=self.dsn, journal=self.journal, client=self.client,
-                              registry=self.registry)
+                              registry=self.registry, keeper=self.keeper)
         self.runners.append(runner)
         return runner
 
@@ -71,8 +73,10 @@ class Relay:
         self.registry = RegistryHandle.start(self.journal, self.reader, RegistryConfig())
 
     def events(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """The log but for the shard leases (relay/cluster.py: tested there)."""
         with psycopg.connect(self.dsn) as conn:
-            rows = conn.execute("SELECT position, type, body FROM events ORDER BY position")
+            rows = conn.execute("SELECT position, type, body FROM events WHERE type NOT IN"
+                                " ('shard_leased', 'shard_released') ORDER BY position")
             return [(pos, type_, json.loads(bytes(body))) for pos, type_, body in rows]
 
     def requests_per_token(self) -> Counter[str | None]:
@@ -88,7 +92,9 @@ def relay(dsn: str) -> Iterator[Relay]:
     registry = RegistryHandle.start(journal, reader, RegistryConfig())
     client = ApnsClient(apns, expiration=3600.0)
     client.start()
-    relay = Relay(dsn, simulator, journal, registry, client, Config(apns=apns), reader)
+    keeper = LeaseKeeper(dsn, ClusterConfig())
+    keeper.start()
+    relay = Relay(dsn, simulator, journal, registry, client, Config(apns=apns), reader, keeper)
     try:
         yield relay
     finally:
@@ -96,6 +102,7 @@ def relay(dsn: str) -> Iterator[Relay]:
             runner.request_stop()
         pykka.ActorRegistry.stop_all()  # before the Journal they append to
         relay.registry.stop()
+        keeper.stop()
         client.close()
         relay.journal.stop(timeout=10)
         reader.close()
@@ -230,7 +237,8 @@ def test_five_dead_one_kept_counts_four_unregistered(relay: Relay,
 def test_invalid_provider_token_halts_with_a_relay_halted_event(relay: Relay) -> None:
     tokens = [token(i) for i in range(1, 21)]
     relay.register(tokens)
-    relay.simulator.script(tokens[0], [ScriptedOutcome(403, "InvalidProviderToken")])
+    first = min(tokens, key=lambda t: (token_point(t), t))  # shards are point ranges
+    relay.simulator.script(first, [ScriptedOutcome(403, "InvalidProviderToken")])
     result = relay.runner(max_in_flight=1).run_once()
 
     assert result.halted is not None and not result.finished
