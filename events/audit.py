@@ -741,14 +741,28 @@ def _summary(result: Replay) -> dict[str, Any]:
         "head": result.last_hash.hex() if result.events else None,
         "last_position": result.last_position,
         "devices": {"active": active, "unregistered": unregistered},
-        "runs": [_run_json(number, row, result.state.run_apns.get(number))
+        "runs": [_run_json(number, row, result.state.run_apns.get(number),
+                           _drivers(result.state, number))
                  for number, row in sorted(result.state.runs.items())],
     }
 
 
-def _run_json(number: int, row: RunRow, apns: Any) -> dict[str, Any]:
+def _drivers(state: State, run: int) -> list[dict[str, Any]]:
+    """Which processes drove which shards of `run` (from the leases its outcomes carry)."""
+    shards: dict[tuple[str, str], set[int]] = {}
+    for shard, epoch in state.run_fences.get(run, ()):
+        holder = state.leases.get((shard, epoch), ("unknown", "unknown"))
+        shards.setdefault(holder, set()).add(shard)
+    return [{"process": process, "host": host, "shards": sorted(held)}
+            for (process, host), held in sorted(shards.items())]
+
+
+def _run_json(number: int, row: RunRow, apns: Any,
+              processes: list[dict[str, Any]]) -> dict[str, Any]:
     """`apns`: where the run sent ({"environment", "endpoint"}; environment "simulator"
-    for the built-in simulator), None when its run_started did not record it."""
+    for the built-in simulator), None when its run_started did not record it.
+    `processes`: which relay processes drove which token shards of it (empty for runs
+    sent before shards existed)."""
     started, finished, tokens, delivered, failed, abandoned, dead, unregistered, kept = row
     return {
         "run": number,
@@ -757,6 +771,7 @@ def _run_json(number: int, row: RunRow, apns: Any) -> dict[str, Any]:
         "tokens": tokens, "delivered": delivered, "failed": failed, "abandoned": abandoned,
         "dead": dead, "unregistered": unregistered, "kept": kept, "apns": apns,
         "simulated": isinstance(apns, dict) and apns.get("environment") == "simulator",
+        "processes": processes,
     }
 
 

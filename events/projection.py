@@ -125,7 +125,8 @@ class State:
     after which those it replaces are absolute. `merge` lays such a patch over the state before it.
     """
 
-    __slots__ = ("_patch", "_runs", "deliveries", "finished_runs", "registrations", "run_apns")
+    __slots__ = ("_patch", "_runs", "deliveries", "finished_runs", "leases", "registrations",
+                 "run_apns", "run_fences")
 
     def __init__(self, *, patch: bool = False) -> None:
         self.registrations: dict[str, tuple[Any, ...]] = {}
@@ -135,6 +136,11 @@ class State:
         # Where each run sent (run_started's "apns"; None when not recorded): for the
         # audit's report, not a cache table.
         self.run_apns: dict[int, Any] = {}
+        # Who drove what (relay/cluster.py), for the audit's report, not a cache table:
+        # each lease (shard, epoch) -> (process, host), and per run the leases its
+        # outcome events were sent under.
+        self.leases: dict[tuple[int, int], tuple[str, str]] = {}
+        self.run_fences: dict[int, set[tuple[int, int]]] = {}
         self._patch = patch
 
     @property
@@ -180,6 +186,9 @@ class State:
             self._runs[number] = heads + counted
         self.finished_runs |= patch.finished_runs
         self.run_apns.update(patch.run_apns)
+        self.leases.update(patch.leases)
+        for number, fences in patch.run_fences.items():
+            self.run_fences.setdefault(number, set()).update(fences)
 
     def apply(self, type_: str, data: Mapping[str, Any]) -> None:
         rule = _RULES.get(type_)
@@ -210,14 +219,27 @@ class State:
         if (number := data["run"]) is not None:
             self._counts(number)[_KEPT] += 1
 
+    def _fenced(self, number: int, data: Mapping[str, Any]) -> None:
+        fences = self.run_fences.get(number)
+        if fences is None:
+            fences = self.run_fences[number] = set()
+        fences.add((data["shard"], data["epoch"]))
+
+    def _on_leased(self, data: Mapping[str, Any]) -> None:
+        self.leases[(data["shard"], data["epoch"])] = (data["process"], data["host"])
+
     def _on_delivered(self, data: Mapping[str, Any]) -> None:
         number = data["run"]
+        if "epoch" in data:
+            self._fenced(number, data)
         self.deliveries[data["token"]] = (number, data["attempt"], None, data["apns_id"],
                                           FINAL_DELIVERED)
         self._counts(number)[_DELIVERED] += 1
 
     def _on_failed(self, data: Mapping[str, Any]) -> None:
         number = data["run"]
+        if "epoch" in data:
+            self._fenced(number, data)
         counts = self._counts(number)
         counts[_FAILED] += 1
         if data["verdict"] == VERDICT_DEAD_TOKEN:
@@ -230,6 +252,8 @@ class State:
 
     def _on_abandoned(self, data: Mapping[str, Any]) -> None:
         number = data["run"]
+        if "epoch" in data:
+            self._fenced(number, data)
         self.deliveries[data["token"]] = (number, data["attempts"], None, data["apns_id"],
                                           FINAL_ABANDONED)
         self._counts(number)[_ABANDONED] += 1
@@ -257,6 +281,7 @@ _RULES = {
     ev.NOTIFICATION_ABANDONED: State._on_abandoned,
     ev.RUN_STARTED: State._on_run_started,
     ev.RUN_FINISHED: State._on_run_finished,
+    ev.SHARD_LEASED: State._on_leased,
 }
 
 

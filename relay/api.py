@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any, NoReturn, Protocol
 
+import psycopg
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
@@ -307,9 +308,10 @@ class _Api:
 
     def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource,
                  openapi: bytes, served: dict[str, Any],
-                 checkpoint: Callable[[], dict[str, Any] | None]) -> None:
+                 checkpoint: Callable[[], dict[str, Any] | None],
+                 cluster: Callable[[], dict[str, Any]] | None) -> None:
         self._registry, self._health, self._served = registry, health, served
-        self._checkpoint = checkpoint
+        self._checkpoint, self._cluster = checkpoint, cluster
         self._http = config.http
         self._openapi = openapi
         self._limiter = RateLimiter(self._http.rate_limit, self._http.rate_burst)
@@ -324,6 +326,7 @@ class _Api:
         app.router.add_get("/health", self.health, allow_head=False)
         app.router.add_get("/openapi.json", self.openapi, allow_head=False)
         app.router.add_get("/log/checkpoint", self.log_checkpoint, allow_head=False)
+        app.router.add_get("/cluster", self.cluster, allow_head=False)
         if self._http.metrics_listen is None:
             app.router.add_get("/metrics", self.metrics, allow_head=False)
         return app
@@ -470,6 +473,17 @@ class _Api:
                                   headers={hdrs.RETRY_AFTER: str(RETRY_AFTER_UNAVAILABLE)})
         return web.json_response(latest)
 
+    async def cluster(self, request: web.Request) -> web.Response:
+        """The live relay processes, their shards and lease ages, read from the database
+        off the event loop."""
+        if self._cluster is None:
+            self._unavailable("no_cluster", "this relay does not take part in a cluster")
+        try:
+            view = await asyncio.get_running_loop().run_in_executor(None, self._cluster)
+        except psycopg.Error:
+            self._unavailable("database_unavailable", "the database does not answer; retry")
+        return web.json_response(view)
+
     async def health(self, request: web.Request) -> web.Response:
         database, worker = self._health.database_available(), self._health.worker_alive()
         if database and worker:
@@ -552,16 +566,18 @@ class ApiServer:
 
     def __init__(self, config: Config, registry: DeviceRegistry, health: HealthSource, *,
                  apns: ApnsConfig | None = None, simulated: bool = False,
-                 checkpoint: Callable[[], dict[str, Any] | None] | None = None) -> None:
+                 checkpoint: Callable[[], dict[str, Any] | None] | None = None,
+                 cluster: Callable[[], dict[str, Any]] | None = None) -> None:
         """`apns`: the APNs settings in use, when not `config.apns` (the built-in simulator's,
         then `simulated`): what `GET /config` reports. `checkpoint`: the latest signed
-        checkpoint of the log, for `GET /log/checkpoint`."""
+        checkpoint of the log, for `GET /log/checkpoint`. `cluster`: reads the live
+        processes and their leases (blocking; run off the loop), for `GET /cluster`."""
         self._config = config
         served = apns or config.apns
         self._api = _Api(config, registry, health, openapi_document(), {
             "name": NAME, "version": __version__, "topic": served.topic,
             "environment": "simulator" if simulated else served.environment,
-            "endpoint": served.url}, checkpoint or (lambda: None))
+            "endpoint": served.url}, checkpoint or (lambda: None), cluster)
         self.bound_address: tuple[str, int] = config.http.listen
         self.metrics_address: tuple[str, int] | None = None
         self._thread: threading.Thread | None = None

@@ -412,6 +412,17 @@ class ClusterLog:
                 raise
 
 
+class ClusterView:
+    """`GET /cluster`'s reader: one short connection per call (an operator's endpoint)."""
+
+    def __init__(self, dsn: str, ttl: float) -> None:
+        self._dsn, self._ttl = dsn, ttl
+
+    def __call__(self) -> dict[str, Any]:
+        with connect(self._dsn, application_name="relay-cluster-view") as conn:
+            return cluster_view(conn, self._ttl)
+
+
 def cluster_view(conn: psycopg.Connection[Any], ttl: float) -> dict[str, Any]:
     """For `GET /cluster`: the live processes, their shards and the age of each lease."""
     members = conn.execute(

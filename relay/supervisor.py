@@ -31,7 +31,7 @@ from events.journal import Journal
 from events.store import LogReader
 from relay import environment, metrics
 from relay.apns.processes import ApnsProcessPool, NotificationClient, open_client
-from relay.cluster import ClusterLog, LeaseKeeper
+from relay.cluster import ClusterLog, ClusterView, LeaseKeeper
 from relay.config import ApnsConfig, Config
 from relay.database import connect
 from relay.exits import ExitStatus
@@ -208,7 +208,8 @@ class Supervisor:
 
                 api = ApiServer(config, registry, self, apns=apns,
                                 simulated=not config.apns.credentials_given,
-                                checkpoint=self.checkpoints.latest)
+                                checkpoint=self.checkpoints.latest,
+                                cluster=ClusterView(dsn, config.cluster.lease_ttl))
                 api.start()  # it logs the addresses it listens on
                 started.callback(api.stop)
             yield self._parts

@@ -13,6 +13,7 @@ from events import checkpoint
 from events.journal import Journal
 from events.store import LogReader
 from relay.api import ApiServer
+from relay.cluster import ClusterView, LeaseKeeper
 from relay.config import Config
 
 # Requests arrive one at a time, so waiting for a batch to fill would only add latency.
@@ -36,7 +37,11 @@ class Stack:
         checkpoint.create_log(dsn)
         with psycopg.connect(dsn) as conn:
             taken = checkpoint.take(conn, Ed25519PrivateKey.generate())
-        self.server = ApiServer(config, self.registry, self, checkpoint=lambda: taken)
+        # A member of a cluster (of one), so that GET /cluster has shards to show.
+        self.keeper = LeaseKeeper(dsn, config.cluster)
+        self.keeper.start()
+        self.server = ApiServer(config, self.registry, self, checkpoint=lambda: taken,
+                                cluster=ClusterView(dsn, config.cluster.lease_ttl))
         self.server.start()
         self.base_url = "http://{}:{}".format(*self.server.bound_address)
         self.history: list[tuple[str, str]] = []
@@ -49,6 +54,7 @@ class Stack:
 
     def stop(self) -> None:
         self.server.stop()
+        self.keeper.stop()
         self.registry.stop(timeout=10)
         self.journal.stop(timeout=10)
 
