@@ -217,7 +217,8 @@ class Dispatcher(pykka.ThreadingActor):
         self._alarm.at(time.monotonic() + LEASE_CHECK)
         if self._waiting_to_finish and time.monotonic() >= self._finish_again_at:
             self._waiting_to_finish = False
-            self._pace.pages.again()
+            if self._pace.all_done:  # else shards came meanwhile: they are being read
+                self._pace.pages.again()  # nothing of ours in flight or parked to repeat
 
     def _sync_leases(self) -> None:
         """Drive the shards held now: new ones from their start, lost ones dropped, those
