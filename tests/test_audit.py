@@ -76,10 +76,11 @@ def test_summary(log: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert report["runs"] == [
         {"run": 1, "started_at": ev.iso_ms(T0 + 1000), "finished_at": ev.iso_ms(T0 + 60_002),
          "tokens": 3, "delivered": 2, "failed": 2, "abandoned": 0, "dead": 1,
-         "unregistered": 1, "kept": 0, "apns": None, "simulated": False},
+         "unregistered": 1, "kept": 0, "apns": None, "simulated": False, "processes": []},
         {"run": 2, "started_at": ev.iso_ms(T0 + 3_600_000), "finished_at": None,
          "tokens": 2, "delivered": 0, "failed": 0, "abandoned": 0, "dead": 0,
-         "unregistered": 0, "kept": 0, "apns": SIMULATED, "simulated": True},
+         "unregistered": 0, "kept": 0, "apns": SIMULATED, "simulated": True,
+         "processes": []},
     ]
     assert "verified" not in report
 
