@@ -137,10 +137,13 @@ class LeaseKeeper:
             self.renew()
 
     def renew(self) -> None:
-        """One round: renew what is held, learn what was lost, take up to the fair share."""
+        """One round: renew what is held, learn what was lost, take up to the fair share.
+
+        A round unanswered within a renewal period is abandoned (its connection's socket
+        shut down): a silent network path must not hold the keeper, or its stop, forever."""
         sent = self._clock()
         try:
-            with self._db:
+            with self._guarded():
                 held, draining, taken = self._round()
         except psycopg.Error as exc:
             self._drop_connection()
@@ -219,7 +222,7 @@ class LeaseKeeper:
             return
         me = self.member
         try:
-            with self._db:
+            with self._guarded():
                 conn = self._connection()
                 with conn.transaction(), conn.cursor() as cur:
                     rows = cur.execute(
@@ -253,11 +256,11 @@ class LeaseKeeper:
         """Release every shard and leave the cluster (after the run has drained)."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(2 * self.renew_every)
         with self._state:
             held = list(self._held)
         self.release(held, WHY_STOPPING)
-        with contextlib.suppress(psycopg.Error), self._db:
+        with contextlib.suppress(psycopg.Error), self._guarded():
             conn = self._connection()
             conn.execute("DELETE FROM cluster_members WHERE process = %s",
                          (self.member.process,))
@@ -278,6 +281,27 @@ class LeaseKeeper:
                 " ON CONFLICT (shard) DO NOTHING", (self._config.shards,))
             self._conn.commit()
         return self._conn
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """The connection, for one round of statements answered within a renewal period."""
+        with self._db:
+            watchdog = threading.Timer(self.renew_every, self._abandon_round)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                yield
+            finally:
+                watchdog.cancel()
+
+    def _abandon_round(self) -> None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        log.warning("a lease renewal went unanswered for %.1fs: dropping its connection",
+                    self.renew_every)
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

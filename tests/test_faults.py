@@ -258,7 +258,7 @@ def test_a_crash_looping_sender_process_ends_the_relay_by_the_restart_budget(
         supervise.close()
 
 
-# --- the run lock's holder cut off from the database ---------------------------------------
+# --- a lease holder cut off from the database ------------------------------------------------
 
 class FreezableProxy:
     """TCP in front of PostgreSQL (TCP or Unix socket) that can go silent without closing:
@@ -380,7 +380,7 @@ def test_a_batch_that_never_reached_commit_is_said_not_to_be_in_the_log(
 
 def test_a_take_up_waits_for_outcomes_still_in_the_journal_so_no_token_gets_two(
         relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A drain that times out (a lost run lock during a database outage, say) leaves
+    """A drain that times out (a stop during a database outage, say) leaves
     outcomes queued in the Journal; the next take-up must not read the log before them."""
     tokens = [token(i) for i in range(1, 401)]
     relay.register(tokens)
