@@ -220,11 +220,18 @@ class Dispatcher(pykka.ThreadingActor):
             if self._pace.all_done:  # else shards came meanwhile: they are being read
                 self._pace.pages.again()  # nothing of ours in flight or parked to repeat
 
-    def _sync_leases(self) -> None:
+    def _sync_leases(self) -> bool:
         """Drive the shards held now: new ones from their start, lost ones dropped, those
-        to give up paged no more and released once their sends are answered."""
+        to give up paged no more and released once their sends are answered. False while
+        the leases have lapsed by this process's clock: nothing may be sent then."""
         leases = self._keeper.leases()
         pages, pace = self._pace.pages, self._pace
+        if not leases.valid:
+            if self._leases is None or self._leases.valid:
+                log.warning("the shard leases lapsed (no renewal answered in time): no new "
+                            "sends until a renewal says which shards are still ours")
+            self._leases = leases
+            return False
         if leases is not self._leases:
             self._leases = leases
             for shard, epoch in list(pages.epochs.items()):
@@ -242,6 +249,7 @@ class Dispatcher(pykka.ThreadingActor):
             self._keeper.release(drained, cluster.WHY_REBALANCING)
             for shard in drained:
                 pace.drop(shard)
+        return True
 
     # --- the run -------------------------------------------------------------------------
 
@@ -302,11 +310,11 @@ class Dispatcher(pykka.ThreadingActor):
             return
         if self._done.done():
             return
-        self._sync_leases()
-        # One message per shard per feed, however many credits this feed hands out.
-        work = self._pace.feed(len(self._shards))
-        for shard, items in work.items():
-            self._shards[shard].tell(Work(tuple(items)))
+        if self._sync_leases():
+            # One message per shard per feed, however many credits this feed hands out.
+            work = self._pace.feed(len(self._shards))
+            for shard, items in work.items():
+                self._shards[shard].tell(Work(tuple(items)))
         resume_at = self._pace.breaker.resume_at
         if resume_at is not None:
             self._alarm.at(resume_at)

@@ -15,8 +15,10 @@ outcomes appended before are visible to the new holder, and outcomes appended af
 checked against the new epoch (fencing, events/journal.py). A process holding more than
 its share marks the excess as draining: its Dispatcher stops taking their tokens and
 releases each (`shard_released`) once its sends are answered. A process that cannot
-renew stops driving its shards when the lease it last renewed runs out by its own
-clock, which it started before the renewal was sent: before the database's.
+renew sends nothing more for its shards once the lease it last renewed runs out by its
+own clock, which it started before the renewal was sent (so before the database's);
+the next renewal says which shards are still its own (same epoch: it carries on) and
+which were taken over (dropped).
 
 Runs. `ClusterLog.start_or_join` and `ClusterLog.finish` decide under the head lock, so
 two processes finding a run due at the same moment start one run, and a run finishes
@@ -86,10 +88,13 @@ class Member:
 
 @dataclass(frozen=True)
 class Leases:
-    """What this process may drive now: shard -> epoch, and those to give up once drained."""
+    """What this process holds: shard -> epoch, and those to give up once drained.
+    `valid` False: the last renewal has run out by this process's clock, so nothing may be
+    sent for them until a renewal says which are still ours."""
 
     held: Mapping[int, int] = field(default_factory=dict)
     draining: frozenset[int] = frozenset()
+    valid: bool = True
 
 
 class LeaseKeeper:
@@ -119,6 +124,11 @@ class LeaseKeeper:
     def renew_every(self) -> float:
         return self._config.lease_ttl / RENEWALS_PER_TTL
 
+    @property
+    def round_timeout(self) -> float:
+        """A round of statements unanswered this long is abandoned."""
+        return self._config.lease_ttl / 2
+
     def start(self) -> None:
         """Join the cluster and take a first share; then keep renewing in a thread."""
         self.renew()
@@ -126,10 +136,10 @@ class LeaseKeeper:
         self._thread.start()
 
     def leases(self) -> Leases:
-        """The shards this process may drive now (none once its last renewal ran out)."""
+        """The shards this process holds (not `valid` once its last renewal ran out)."""
         with self._state:
             if self._clock() >= self._valid_until:
-                return Leases()
+                return Leases(self._leases.held, self._leases.draining, valid=False)
             return self._leases
 
     def _keep(self) -> None:
@@ -256,7 +266,7 @@ class LeaseKeeper:
         """Release every shard and leave the cluster (after the run has drained)."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(2 * self.renew_every)
+            self._thread.join(self.renew_every + self.round_timeout)
         with self._state:
             held = list(self._held)
         self.release(held, WHY_STOPPING)
@@ -269,9 +279,9 @@ class LeaseKeeper:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            # No statement of a round may outlast a renewal period: a blocked one is a
-            # failed renewal, and the leases lapse by this process's clock meanwhile.
-            timeout_ms = max(100, round(self.renew_every * 1000))
+            # No statement may outlast a round: a blocked one is a failed renewal, and the
+            # leases lapse by this process's clock meanwhile.
+            timeout_ms = max(100, round(self.round_timeout * 1000))
             self._conn = connect(self._dsn, application_name="relay-leases",
                                  options=f"-c statement_timeout={timeout_ms}")
             projection.prepare(self._conn)
@@ -286,7 +296,7 @@ class LeaseKeeper:
     def _guarded(self) -> Iterator[None]:
         """The connection, for one round of statements answered within a renewal period."""
         with self._db:
-            watchdog = threading.Timer(self.renew_every, self._abandon_round)
+            watchdog = threading.Timer(self.round_timeout, self._abandon_round)
             watchdog.daemon = True
             watchdog.start()
             try:
@@ -299,7 +309,7 @@ class LeaseKeeper:
         if conn is None or conn.closed:
             return
         log.warning("a lease renewal went unanswered for %.1fs: dropping its connection",
-                    self.renew_every)
+                    self.round_timeout)
         with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
             sock.shutdown(socket.SHUT_RDWR)
 
