@@ -51,7 +51,7 @@ from relay import metrics
 from relay.apns.processes import NotificationClient
 from relay.backoff import DecorrelatedJitter
 from relay.config import WakeupConfig
-from relay.database import RetryPauses
+from relay.database import RetryPauses, first_line, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,8 @@ class Dispatcher(pykka.ThreadingActor):
                 run = self._reader.next_run_number()
                 tokens = self._reader.active_count()
         except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise  # a bug, not an outage: the run fails (and the supervisor says so)
             self._retry_db("start the run", exc)
             return
         self._db_pauses.reset()
@@ -268,6 +270,8 @@ class Dispatcher(pykka.ThreadingActor):
         try:
             page = self._reader.due_tokens(self._base.run, cursor, limit)
         except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise
             self._retry_db("read due tokens", exc)
             return None
         self._db_pauses.reset()
@@ -275,7 +279,7 @@ class Dispatcher(pykka.ThreadingActor):
 
     def _retry_db(self, what: str, exc: Exception) -> None:
         delay = self._db_pauses.next()
-        log.warning("cannot %s (%s); retrying in %.1fs", what, exc, delay)
+        log.warning("cannot %s (%s); retrying in %.1fs", what, first_line(exc), delay)
         self._db_retry_at = time.monotonic() + delay
         self._alarm.at(self._db_retry_at)
 

@@ -25,7 +25,7 @@ import psycopg
 from actors import RunResult, WakeupRunner
 from actors.pace import ProgressCallback
 from events.store import LogReader
-from relay.database import RetryPauses, connect
+from relay.database import RetryPauses, connect, first_line, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class _RunLockWatch:
                              daemon=True).start()
             if answered.wait(RUN_LOCK_SILENCE) and not errors:
                 continue
-            why = _first_line(errors[0]) if errors else (
+            why = first_line(errors[0]) if errors else (
                 f"no answer within {RUN_LOCK_SILENCE:.0f}s: cut off from the database")
             log.warning("lost the run lock with its database session (%s): draining "
                         "the run; it is taken up again once the lock is ours again", why)
@@ -171,17 +171,15 @@ def _take_run_lock(dsn: str, stopping: threading.Event) -> psycopg.Connection[An
                     log.info("another relay process is running a wakeup; waiting for it to end")
                     told = True
                 stopping.wait(RUN_LOCK_POLL)
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise
             delay = pauses.next()
             log.warning("cannot reach the database to start a run (%s); retrying in %.1fs",
-                        _first_line(exc), delay)
+                        first_line(exc), delay)
             stopping.wait(delay)
         finally:
             if conn is not None:
                 conn.close()
     return None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
