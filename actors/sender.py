@@ -165,8 +165,8 @@ class SenderShard(pykka.ThreadingActor):
         self._unrecorded: list[_Outcome] = []  # decided, to be appended at the next _Flush
         self._outbox: list[TokenDone | CreditWanted | HaltReported] = []
         # Answers arrive on the APNs client's thread; they queue here and only the first
-        # of a burst costs an actor message (a pykka message per answer was a third of
-        # the shard's time).
+        # of a burst costs an actor message (a pykka message per answer was a large share
+        # of the shard's time: BENCHMARKS.md, "Figures behind choices in the code").
         self._answers: list[tuple[str, ApnsResult]] = []
         self._answers_lock = threading.Lock()
         self._alarm = Alarm(self._wake, name=f"sender-{index}-alarm")
@@ -248,8 +248,8 @@ class SenderShard(pykka.ThreadingActor):
 
         On the client's event loop the wake-up waits for `call_soon`, i.e. until the loop
         has handled everything it read from the socket at once: one actor message and one
-        thread switch per read instead of per answer (waking the shard for every answer,
-        each wake-up a GIL hand-over, was a tenth of the relay's time). Anywhere else
+        thread switch per read instead of per answer (waking the shard for every answer
+        costs a GIL hand-over each; BENCHMARKS.md has what it cost). Anywhere else
         (a result given without the loop, a process pool's reader thread) it wakes at once.
         """
         with self._answers_lock:

@@ -41,11 +41,11 @@ from events.projection import DeviceRow, RunRow, State, time_ms
 from relay.database import connect
 
 # Events per keyset page. Small enough that a page, the one queued behind it and the fold's
-# working set stay in the CPU caches: 2,000 (about 0.6 MB) replayed 1M events in 10% less
-# CPU than 20,000 (bench/replay.py); the helper thread runs the extra queries meanwhile.
+# working set stay in the CPU caches (measured against larger pages with bench/replay.py:
+# BENCHMARKS.md); the helper thread runs the extra queries meanwhile.
 PAGE_SIZE = 2_000
 PARALLEL_MIN_EVENTS = 200_000  # below this, worker processes cost more than they save
-MIN_SLICE = 20_000  # events per slice at least: a process starts in ~0.25 s
+MIN_SLICE = 20_000  # events per slice at least: a worker process takes a while to start
 PROGRESS_REFRESH = 0.2  # seconds between progress updates from worker processes
 MAX_PROBLEMS = 20  # problems listed; the count goes on
 
@@ -111,8 +111,8 @@ def _pages(conn: psycopg.Connection[Any], first: int, last: int | None
             with conn.cursor() as cur:
                 # Pages must come off the primary key in order. A log written since
                 # autovacuum last analyzed it looks a thousand times smaller to the
-                # planner, which then sorts half the table per page (measured: 0.5 s a
-                # page, 3x the whole replay); with sorting priced out it walks the index.
+                # planner, which then sorts half the table per page (slower than the whole
+                # replay by index: BENCHMARKS.md); with sorting priced out it walks the index.
                 cur.execute("SET LOCAL enable_sort = off")
                 after = first - 1
                 while not stop.is_set():
@@ -142,7 +142,7 @@ def _pages(conn: psycopg.Connection[Any], first: int, last: int | None
 
 
 # The C scanner behind json.loads, called directly: loads() adds encoding detection
-# and whitespace handling that canonical bytes never need, and costs 2-3x as much.
+# and whitespace handling that canonical bytes never need, and costs more for it.
 _scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
@@ -179,8 +179,8 @@ def replay_range(conn: psycopg.Connection[Any], result: Replay, *, first: int = 
 
     Positions must run on without a gap, and each body must name its own position, so a
     row deleted, moved or swapped shows at its place. The loop body runs once per event
-    of the log: it is written for speed (orjson reads canonical bytes in under half the
-    time of the standard library; names are bound to locals).
+    of the log: it is written for speed (orjson reads canonical bytes faster than the
+    standard library; names are bound to locals; BENCHMARKS.md has the figures).
     """
     state_apply = result.state.apply
     history = result.history
@@ -273,7 +273,7 @@ def replay(conn: psycopg.Connection[Any], *, verify: bool, until_ms: int | None 
 # a patch (projection.State(patch=True)); patches are merged in order. One slice per
 # process: every slice of a long log touches most tokens, so each extra slice costs a
 # merge and a transfer of that many rows; and the first slice needs neither a process
-# start-up (0.25 s) nor a transfer (0.2 s per 100,000 tokens). Processes, not threads:
+# start-up nor a transfer of its rows. Processes, not threads:
 # the work is Python, held by the GIL.
 
 

@@ -1,7 +1,7 @@
 """The APNs client in child processes: `ApnsClient`'s interface, more than one core.
 
 One relay process holds one GIL, and HTTP/2 framing, TLS and header coding take
-more than half of its CPU per notification (BENCHMARKS.md). With
+most of its CPU per notification (the profile in BENCHMARKS.md). With
 `apns.processes: N` the connections run in N child processes, each a plain
 `ApnsClient` with its own `apns.connections` connections and its own provider
 token; the relay process keeps every decision and every event. So crash resume
