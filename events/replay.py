@@ -14,7 +14,8 @@ Memory: one page of events plus the per-token fold (one small tuple per token); 
 the tables are checked, also the `devices` table, read while worker processes replay.
 
 Its users: `python -m relay audit` and `rebuild` (events/audit.py) and the HTML report
-(events/report.py).
+(events/report.py). One idea, a little past 500 lines: the sequential and the parallel
+replay are the same fold over the same page reader and end in the same checks.
 """
 
 from __future__ import annotations
