@@ -101,6 +101,7 @@ def freeze_startup_heap() -> None:
 
 
 def exit_status_of(result: RunResult) -> ExitStatus:
+    """HALTED after a halt (logged for the operator: what APNs said, what to check)."""
     if result.halted is not None:
         halt = result.halted
         log.critical("HALTED (%s): APNs answered %s %s: %s", halt.halt_class, halt.status,
