@@ -32,7 +32,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -43,6 +43,7 @@ import pykka
 from actors.alarm import Alarm
 from actors.breaker import CircuitBreaker
 from actors.delivery import DeliveryPolicy
+from actors.messages import on_done, tell_quietly
 from actors.pace import Cursor, ProgressCallback, RunPace, RunResult, ShardPages, counts
 from actors.registry import RegistryHandle
 from actors.sender import (
@@ -62,7 +63,7 @@ from relay.apns.processes import NotificationClient
 from relay.backoff import DecorrelatedJitter
 from relay.cluster import ClusterLog, LeaseKeeper, Leases
 from relay.config import WakeupConfig
-from relay.database import RetryPauses
+from relay.database import RetryPauses, first_line, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,10 @@ class _Wake:
 
 
 @dataclass(frozen=True)
-class _Committed:
+class _RunEventCommitted:
+    """The run's own event (relay_halted) is committed, or its append failed (`error`);
+    run_started and run_finished are decided with the cluster (relay/cluster.py)."""
+
     what: str  # "halted"
     error: BaseException | None = None
 
@@ -119,7 +123,7 @@ class Dispatcher(pykka.ThreadingActor):
                            lambda shard: (cluster.shard_bounds(shard, shards)[0], ""),
                            lambda shard, token: (cluster.token_point(token), token))
         self._pace = RunPace(config.max_in_flight, CircuitBreaker(config.breaker_pause), pages)
-        self._alarm = Alarm(lambda: _tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
+        self._alarm = Alarm(lambda: tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
         self._shards: list[pykka.ActorRef[SenderShard]] = []
 
         self._base = RunResult(run=None, finished=False)  # the counts live in `_pace`
@@ -188,7 +192,7 @@ class Dispatcher(pykka.ThreadingActor):
             self._result = replace(self._result, stopped=True)
         elif isinstance(message, _Begin):
             self._begin()
-        elif isinstance(message, _Committed):
+        elif isinstance(message, _RunEventCommitted):
             self._committed(message)
             return None
         elif isinstance(message, _Wake):
@@ -197,6 +201,8 @@ class Dispatcher(pykka.ThreadingActor):
                     self._begin()
             else:
                 self._tick()
+        else:
+            return super().on_receive(message)  # logged as unexpected
         self._feed()
         return None
 
@@ -260,6 +266,8 @@ class Dispatcher(pykka.ThreadingActor):
             record, ours = self._runs.start_or_join(self._config.interval, force=self._force,
                                                     apns=self._apns)
         except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise  # a bug, not an outage: the run fails (and the supervisor says so)
             self._retry_db("start the run", exc)
             return
         self._db_pauses.reset()
@@ -293,7 +301,7 @@ class Dispatcher(pykka.ThreadingActor):
         ]
         self._report_progress()
 
-    def _committed(self, message: _Committed) -> None:
+    def _committed(self, message: _RunEventCommitted) -> None:
         if message.error is not None:
             self._fail(message.error)
             return
@@ -329,6 +337,8 @@ class Dispatcher(pykka.ThreadingActor):
             page = self._reader.due_tokens_in(
                 self._base.run, cluster.shard_bounds(shard, self._keeper.shards), cursor, limit)
         except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise
             self._retry_db("read due tokens", exc)
             return None
         self._db_pauses.reset()
@@ -336,7 +346,7 @@ class Dispatcher(pykka.ThreadingActor):
 
     def _retry_db(self, what: str, exc: Exception) -> None:
         delay = self._db_pauses.next()
-        log.warning("cannot %s (%s); retrying in %.1fs", what, exc, delay)
+        log.warning("cannot %s (%s); retrying in %.1fs", what, first_line(exc), delay)
         self._db_retry_at = time.monotonic() + delay
         self._alarm.at(self._db_retry_at)
 
@@ -407,15 +417,13 @@ class Dispatcher(pykka.ThreadingActor):
 
     def _append(self, events: list[ev.Event], what: str) -> None:
         ref = self.actor_ref
-
-        def committed(future: Future[list[int]]) -> None:
-            error = CancelledError() if future.cancelled() else future.exception()
-            _tell_quietly(ref, _Committed(what, error))
-
-        self._journal.append(events).add_done_callback(committed)
+        on_done(self._journal.append(events),
+                lambda _: tell_quietly(ref, _RunEventCommitted(what)),
+                lambda error: tell_quietly(ref, _RunEventCommitted(what, error)))
 
     def _fail(self, error: BaseException) -> None:
-        log.error("wakeup run %s failed: %r", self._result.run, error,
+        log.error("wakeup run %s failed: %s (%s)", self._result.run, first_line(error),
+                  type(error).__name__,
                   extra={"run": self._result.run})
         if not self._done.done():
             self._done.set_exception(error)
@@ -428,7 +436,3 @@ class Dispatcher(pykka.ThreadingActor):
         self._progress_cb(self._pace.progress(run, self._base.tokens,
                                               time.monotonic() - self._t0))
 
-
-def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
-    with contextlib.suppress(pykka.ActorDeadError):
-        ref.tell(message)

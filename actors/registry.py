@@ -37,7 +37,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Container
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -45,13 +45,14 @@ import psycopg
 import pykka
 
 from actors.delivery import DeadVerdict
+from actors.messages import failure, on_done, tell_quietly
 from actors.replies import ReplyBook
 from events import types as ev
 from events.journal import Journal
 from events.store import LogReader
 from relay import metrics
 from relay.config import RegistryConfig
-from relay.database import RetryPauses
+from relay.database import RetryPauses, first_line, is_transient
 from relay.tokens import redact
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ _TokenState = tuple[bool, "int | None"]
 class _ReadDone:
     token: str
     state: _TokenState | None  # None: the read failed (error says why)
-    error: str = ""
+    error: psycopg.Error | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class _RefreshGauge:
     pass
 
 
-class _Pending(NamedTuple):
+class _Unsettled(NamedTuple):
     """Our latest event for a token, until the Journal settles it."""
 
     active: bool
@@ -157,7 +158,7 @@ class _Overlay:
     def __init__(self, journal: Journal) -> None:
         self.lock = threading.RLock()  # the actor hands a verdict on while holding it
         self._journal = journal
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Unsettled] = {}
         self.seq = 0  # appends so far: a read remembers it to spot later appends
         self.changed = False  # appended since the gauge was last counted
 
@@ -165,16 +166,16 @@ class _Overlay:
         """Append the event of `state` (hold `lock`)."""
         commit = self._journal.append([event])
         self.seq += 1
-        self._pending[event.data["token"]] = _Pending(*state, commit, self.seq)
+        self._pending[event.data["token"]] = _Unsettled(*state, commit, self.seq)
         self.changed = True
         return commit
 
-    def live(self, token: str) -> _Pending | None:
+    def live(self, token: str) -> _Unsettled | None:
         """The token's entry while its commit is unsettled (hold `lock`)."""
         pending = self._pending.get(token)
         return pending if pending is not None and not pending.commit.done() else None
 
-    def since(self, token: str, seq: int) -> _Pending | None:
+    def since(self, token: str, seq: int) -> _Unsettled | None:
         """The token's entry if appended after `seq`, settled or not (hold `lock`)."""
         pending = self._pending.get(token)
         return pending if pending is not None and pending.seq > seq else None
@@ -251,7 +252,7 @@ class Registry(pykka.ThreadingActor):
             self._gauge_timer = None
             self._refresh_gauge()
         else:
-            log.warning("the registry ignores an unknown message: %r", message)
+            super().on_receive(message)  # logged as unexpected
 
     # --- requests ---
 
@@ -300,7 +301,7 @@ class Registry(pykka.ThreadingActor):
 
         def decided(future: Future[ev.Event | None]) -> None:
             _answer_dead(verdict, future, reply)
-            _tell_quietly(ref, _ReadAgain(verdict.token))
+            tell_quietly(ref, _ReadAgain(verdict.token))
 
         with self._overlay.lock:
             self._waiting[verdict.token] = (self._overlay.seq, [])
@@ -332,20 +333,24 @@ class Registry(pykka.ThreadingActor):
             try:
                 state = reader.registration(token)
             except psycopg.Error as exc:
-                _tell_quietly(ref, _ReadDone(token, None, str(exc).strip() or repr(exc)))
+                tell_quietly(ref, _ReadDone(token, None, exc))
             else:
-                _tell_quietly(ref, _ReadDone(token, state))
+                tell_quietly(ref, _ReadDone(token, state))
 
         with contextlib.suppress(RuntimeError):  # shut down: the actor is stopping
             self._reads.submit(read)
 
     def _read_done(self, message: _ReadDone) -> None:
         if message.state is None:
+            assert message.error is not None
+            if not is_transient(message.error):
+                self._refuse(message.token, message.error)
+                return
             self._unread.append(message.token)
             if self._retry_timer is None:
                 delay = self._pauses.next()
                 log.warning("cannot read the registration of %s (%s); retrying in %.1fs",
-                            redact(message.token), message.error.splitlines()[0], delay)
+                            redact(message.token), first_line(message.error), delay)
                 self._retry_timer = self._timer(delay, _RetryReads())
             return
         self._pauses.reset()
@@ -359,6 +364,17 @@ class Registry(pykka.ThreadingActor):
                     self._waiting[message.token][1].extend(requests[i + 1:])
                     break
                 state = self._decide(request, state)
+
+    def _refuse(self, token: str, error: psycopg.Error) -> None:
+        """The database refused the read itself (a bug, not an outage): retrying would
+        fail the same way, so the requests waiting on it fail with the error."""
+        log.error("cannot read the registration of %s: the database refused the query (%s)",
+                  redact(token), first_line(error))
+        _, requests = self._waiting.pop(token, (0, []))
+        for request in requests:
+            self._finished(request)
+            with contextlib.suppress(InvalidStateError):
+                request.reply.set_exception(error)
 
     # --- the registered-devices gauge ---
 
@@ -377,43 +393,40 @@ class Registry(pykka.ThreadingActor):
             try:
                 metrics.DEVICES_REGISTERED.set(reader.active_count())
             except psycopg.Error as exc:
+                if not is_transient(exc):
+                    log.error("cannot count registered devices: the database refused the "
+                              "query (%s)", first_line(exc))
+                    return  # counted again after the next change, not every few seconds
                 self._overlay.changed = True
-                log.warning("cannot count registered devices (%s); the gauge waits", exc)
+                log.warning("cannot count registered devices (%s); the gauge waits",
+                            first_line(exc))
 
         with contextlib.suppress(RuntimeError):
             self._reads.submit(count)
 
     def _timer(self, delay: float, message: object) -> threading.Timer:
         ref = self.actor_ref
-        timer = threading.Timer(delay, lambda: _tell_quietly(ref, message))
+        timer = threading.Timer(delay, lambda: tell_quietly(ref, message))
         timer.daemon = True
         timer.start()
         return timer
 
 
-def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
-    with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
-        ref.tell(message)
-
 
 def _chain(source: Future[Any], target: Future[None], on_success: Callable[[], None]) -> None:
     """Resolve `target` when `source` does (same error), running `on_success` first."""
 
-    def forward(done: Future[Any]) -> None:
-        error = CancelledError() if done.cancelled() else done.exception()
-        if error is not None:
-            target.set_exception(error)
-            return
+    def succeeded(_: Any) -> None:
         on_success()
         target.set_result(None)
 
-    source.add_done_callback(forward)
+    on_done(source, succeeded, target.set_exception)
 
 
 def _answer_dead(verdict: DeadVerdict, decided: Future[ev.Event | None],
                  reply: Future[str | None]) -> None:
     """Log and count what the Journal decided, then answer with the event's type."""
-    error = CancelledError() if decided.cancelled() else decided.exception()
+    error = failure(decided)
     if error is not None:
         reply.set_exception(error)
         return

@@ -29,7 +29,7 @@ from events.audit import audit_main, rebuild_main, usage_status
 from relay import NAME, __version__, environment, privilege
 from relay.apns.client import credential_problem
 from relay.config import Config, ConfigError, check_open_files, load_config
-from relay.database import DatabaseError, connect
+from relay.database import DatabaseError, connect, is_transient
 from relay.exits import ExitStatus
 from relay.supervisor import Supervisor, exit_status_of
 
@@ -232,7 +232,9 @@ def run_command(command: str, config: Config, rest: list[str]) -> int:
     except DatabaseError as exc:
         log.critical("%s", exc)
         return ExitStatus.UNAVAILABLE
-    except psycopg.OperationalError as exc:  # lost during a command (audit, rebuild)
+    except psycopg.Error as exc:  # lost during a command (audit, rebuild)
+        if not is_transient(exc):
+            raise
         log.critical("lost the database: %s", exc)
         return ExitStatus.UNAVAILABLE
 

@@ -26,8 +26,9 @@ from typing import Any
 import psycopg
 
 from relay import privilege
-from relay.apns.client import ApnsClient, ApnsResult
+from relay.apns.client import ApnsClient
 from relay.apns.reasons import Verdict
+from relay.apns.results import ApnsResult
 from relay.config import ApnsConfig, Config, ConfigError, load_config
 from relay.database import DatabaseError, EmbeddedPostgres, connect, migrations
 from relay.exits import ExitStatus

@@ -33,7 +33,6 @@ from relay import environment, metrics
 from relay.apns.processes import ApnsProcessPool, NotificationClient, open_client
 from relay.cluster import ClusterLog, ClusterView, LeaseKeeper
 from relay.config import ApnsConfig, Config
-from relay.database import connect
 from relay.exits import ExitStatus
 
 log = logging.getLogger(__name__)
@@ -96,14 +95,15 @@ def freeze_startup_heap() -> None:
     """Exempt what start-up built (modules, configuration, parts) from garbage collection.
 
     Nearly all of it lives as long as the process, yet every full collection would walk
-    it again with every thread paused: that pause was the API's p99 latency
-    (bench/api_registrations.py, p99 about 90 ms before, 45 ms after).
+    it again with every thread paused, and that pause set the API's p99 latency
+    (BENCHMARKS.md, "Figures behind choices in the code").
     """
     gc.collect()
     gc.freeze()
 
 
 def exit_status_of(result: RunResult) -> ExitStatus:
+    """HALTED after a halt (logged for the operator: what APNs said, what to check)."""
     if result.halted is not None:
         halt = result.halted
         log.critical("HALTED (%s): APNs answered %s %s: %s", halt.halt_class, halt.status,
@@ -112,31 +112,6 @@ def exit_status_of(result: RunResult) -> ExitStatus:
                             "reason": halt.reason, "halt_class": halt.halt_class})
         return ExitStatus.HALTED
     return ExitStatus.OK
-
-
-class Checkpoints:
-    """The supervisor's checkpoints: one after every run, written to
-    `audit.checkpoint_dir` and kept for `GET /log/checkpoint`. A failure to take one is
-    logged, never fatal: the next run takes another."""
-
-    def __init__(self, config: Config, dsn: str) -> None:
-        self._dsn, self._directory = dsn, config.checkpoint_dir
-        self._key = checkpoint.load_or_create_key(config.signing_key)
-        self._latest: dict[str, Any] | None = None
-
-    def latest(self) -> dict[str, Any] | None:
-        return self._latest
-
-    def take(self) -> None:
-        try:
-            with connect(self._dsn, application_name="relay-checkpoint") as conn:
-                taken = checkpoint.take(conn, self._key)
-            path = checkpoint.write(self._directory, taken)
-        except (psycopg.Error, OSError, checkpoint.CheckpointError) as exc:
-            log.warning("no checkpoint after this run: %s", exc)
-            return
-        self._latest = taken
-        log.info("checkpoint of position %d written to %s", taken["position"], path)
 
 
 class Supervisor:
@@ -159,7 +134,8 @@ class Supervisor:
         metrics.WAKEUP_INTERVAL.set(config.wakeup.interval)
         metrics.BREAKER_PAUSE.set(config.wakeup.breaker_pause)
         metrics.LAST_RUN_FINISHED.set_to_current_time()  # an overdue run counts from here
-        self.checkpoints = Checkpoints(config, dsn)
+        self.checkpoints = checkpoint.Checkpoints(dsn, config.checkpoint_dir,
+                                                  config.signing_key)
 
     @property
     def parts(self) -> Parts:

@@ -1,7 +1,7 @@
 """The APNs client in child processes: `ApnsClient`'s interface, more than one core.
 
 One relay process holds one GIL, and HTTP/2 framing, TLS and header coding take
-more than half of its CPU per notification (BENCHMARKS.md). With
+most of its CPU per notification (the profile in BENCHMARKS.md). With
 `apns.processes: N` the connections run in N child processes, each a plain
 `ApnsClient` with its own `apns.connections` connections and its own provider
 token; the relay process keeps every decision and every event. So crash resume
@@ -38,9 +38,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from relay import metrics
-from relay.apns.client import TRANSPORT_RESENDS, ApnsClient, ApnsResult
-from relay.apns.reasons import classify
+from relay.apns.client import TRANSPORT_RESENDS, ApnsClient
+from relay.apns.results import (
+    ApnsResult,
+    PrometheusListener,
+    SilentListener,
+    result_of,
+    settle,
+)
 from relay.config import ApnsConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,9 @@ def open_client(config: ApnsConfig, *, expiration: float) -> NotificationClient:
 
 
 @dataclass
-class _Pending:
+class _SendInFlight:
+    """A send handed to a child (or waiting for one) until its answer comes back."""
+
     token: str
     apns_id: str
     started: float
@@ -85,7 +92,7 @@ class _Child:
     conn: Connection | None = None
     alive: bool = False  # False between its death and its restart: sends go elsewhere
     exit_code: int | None = None  # how it last died
-    pending: dict[int, _Pending] = field(default_factory=dict)
+    pending: dict[int, _SendInFlight] = field(default_factory=dict)
     outgoing: list[Request] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
 
@@ -100,11 +107,11 @@ class ApnsProcessPool:
         self._children = [_Child(i) for i in range(processes)]
         self._ids = itertools.count()
         self._turn = 0  # round robin over the children alive
-        self._waiting: list[_Pending] = []  # no child alive: sent when one is back
+        self._waiting: list[_SendInFlight] = []  # no child alive: sent when one is back
         self._lock = threading.Lock()  # pending, outgoing, and the writer's wake-up
         self._wake = threading.Condition(self._lock)
         self._closing = False
-        self._counters: dict[tuple[int | None, str | None], Any] = {}
+        self._listener = PrometheusListener()  # the children's sends are counted here
         self._context = multiprocessing.get_context("spawn")
         self._writer = threading.Thread(target=self._write, name="apns-pool-writer",
                                         daemon=True)
@@ -153,16 +160,16 @@ class ApnsProcessPool:
     def send(self, token: str, apns_id: str) -> concurrent.futures.Future[ApnsResult]:
         """Queue one notification for a child; never blocks; the future always resolves."""
         future: concurrent.futures.Future[ApnsResult] = concurrent.futures.Future()
-        pending = _Pending(token, apns_id, time.monotonic(), future)
+        pending = _SendInFlight(token, apns_id, time.monotonic(), future)
         with self._lock:
             if not self._closing:
                 self._assign(pending)
-                metrics.SENDS_IN_FLIGHT.inc()
+                self._listener.in_flight(1)
                 return future
         self._resolve(pending, (0, None, "Closed", None, _now_ms()))
         return future
 
-    def _assign(self, pending: _Pending) -> None:
+    def _assign(self, pending: _SendInFlight) -> None:
         """To the next child alive, else to the waiting list (under the lock)."""
         children = self._children
         for step in range(len(children)):
@@ -195,7 +202,7 @@ class ApnsProcessPool:
             self._fail_pending(child, "Closed")
         with self._lock:
             waiting, self._waiting = self._waiting, []
-        metrics.SENDS_IN_FLIGHT.dec(len(waiting))
+        self._listener.in_flight(-len(waiting))
         for pending in waiting:
             self._resolve(pending, (0, None, "Closed", None, _now_ms()))
 
@@ -236,7 +243,7 @@ class ApnsProcessPool:
                     taken = [(child.pending.pop(a[0], None), a) for a in answers]
                 for pending, answer in taken:
                     if pending is not None:
-                        metrics.SENDS_IN_FLIGHT.dec()
+                        self._listener.in_flight(-1)
                         self._resolve(pending, answer)
         except (EOFError, OSError):
             pass
@@ -253,7 +260,7 @@ class ApnsProcessPool:
         if child.process is not None:
             child.process.join(1.0)
             child.exit_code = child.process.exitcode
-        lost: list[_Pending] = []
+        lost: list[_SendInFlight] = []
         with self._lock:
             child.alive = False
             pending, child.pending, child.outgoing = child.pending, {}, []
@@ -265,7 +272,7 @@ class ApnsProcessPool:
                     lost.append(request)
         log.error("APNs sender process %d died (exit code %s) with %d sends unanswered; "
                   "they go to another process", child.index, child.exit_code, len(pending))
-        metrics.SENDS_IN_FLIGHT.dec(len(lost))
+        self._listener.in_flight(-len(lost))
         for request in lost:
             self._resolve(request, (0, None, LOST, None, _now_ms()))
 
@@ -273,24 +280,16 @@ class ApnsProcessPool:
         with self._lock:
             child.alive = False
             pending, child.pending, child.outgoing = child.pending, {}, []
-        metrics.SENDS_IN_FLIGHT.dec(len(pending))
+        self._listener.in_flight(-len(pending))
         for request in pending.values():
             self._resolve(request, (0, None, reason, None, _now_ms()))
 
-    def _resolve(self, pending: _Pending, answer: Answer) -> None:
+    def _resolve(self, pending: _SendInFlight, answer: Answer) -> None:
         _, status, reason, timestamp_ms, received_at_ms = answer
-        counter = self._counters.get((status, reason))
-        if counter is None:
-            counter = metrics.SENDS.labels(status="none" if status is None else str(status),
-                                           reason=reason or "")
-            self._counters[(status, reason)] = counter
-        counter.inc()
-        result = ApnsResult(
-            token=pending.token, apns_id=pending.apns_id, status=status, reason=reason,
-            verdict=classify(status, reason), timestamp_ms=timestamp_ms,
-            latency=time.monotonic() - pending.started, received_at_ms=received_at_ms)
-        if pending.future.set_running_or_notify_cancel():
-            pending.future.set_result(result)
+        result = result_of(pending.token, pending.apns_id, started=pending.started,
+                           status=status, reason=reason, timestamp_ms=timestamp_ms,
+                           received_at_ms=received_at_ms)
+        settle(pending.future, result, self._listener)
 
 
 def _now_ms() -> int:
@@ -301,7 +300,8 @@ def _now_ms() -> int:
 
 def serve(conn: Connection, config: ApnsConfig, expiration: float) -> None:
     """A child's life: send what the parent asks, answer in bursts, exit with the parent."""
-    client = ApnsClient(config, expiration=expiration)
+    # Silent: this process's metrics are never served; the parent counts each send.
+    client = ApnsClient(config, expiration=expiration, listener=SilentListener())
     client.start()
     answers: list[Answer] = []
     wake = threading.Condition()
