@@ -334,7 +334,7 @@ class Dispatcher(pykka.ThreadingActor):
             return None  # the database failed a moment ago: wait for the alarm
         self._db_retry_at = None
         try:
-            page = self._reader.due_tokens_in(
+            page = self._reader.due_tokens(
                 self._base.run, cluster.shard_bounds(shard, self._keeper.shards), cursor, limit)
         except psycopg.Error as exc:
             if not is_transient(exc):

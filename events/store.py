@@ -3,8 +3,8 @@
 `LogReader` answers what actors need at start-up and during a run from the
 projections (events/projection.py), which are committed together with the events,
 so every answer is the state after some complete prefix of the log. Nothing here
-loads every token: `due_tokens` is a keyset page over the partial index of active
-tokens (schema/002_projections.sql).
+loads every token: `due_tokens` is a keyset page of one token shard over the partial
+index of active tokens by point (schema/006_cluster.sql).
 """
 
 from __future__ import annotations
@@ -78,43 +78,16 @@ class LogReader:
                            (token,))
         return (bool(rows[0][0]), rows[0][1]) if rows else (False, None)
 
-    def unfinished_run(self) -> RunRecord | None:
-        """The last run with a run_started and no run_finished (to resume after a restart)."""
-        rows = self._query(
-            "SELECT run, started_at_ms, tokens, delivered, failed, abandoned, dead,"
-            " unregistered, kept"
-            " FROM runs WHERE started_at_ms IS NOT NULL AND finished_at_ms IS NULL"
-            " ORDER BY run DESC LIMIT 1")
-        return RunRecord(*rows[0]) if rows else None
-
-    def next_run_number(self) -> int:
-        rows = self._query("SELECT coalesce(max(run), 0) + 1 FROM runs")
-        return int(rows[0][0])
-
     def active_count(self) -> int:
         rows = self._query("SELECT count(*) FROM devices WHERE active")
         return int(rows[0][0])
 
-    def due_tokens(self, run: int, after: str, limit: int) -> list[TokenState]:
-        """A keyset page (ORDER BY token, token > after) of active tokens with no final
-        outcome in `run`; pass "" for the first page and the last token for the next."""
-        rows = self._query(
-            "SELECT token,"
-            "       CASE WHEN run = %(run)s THEN attempts ELSE 0 END,"
-            "       CASE WHEN run = %(run)s THEN next_attempt_at_ms END,"
-            "       CASE WHEN run = %(run)s THEN apns_id END"
-            "  FROM devices"
-            " WHERE active AND token > %(after)s"
-            "   AND (run IS DISTINCT FROM %(run)s OR final IS NULL)"
-            " ORDER BY token LIMIT %(limit)s",
-            {"run": run, "after": after, "limit": limit},
-        )
-        return [TokenState(*row) for row in rows]
-
-    def due_tokens_in(self, run: int, points: tuple[int, int], after: tuple[int, str],
-                      limit: int) -> list[TokenState]:
-        """`due_tokens` within one token shard: the tokens whose point (relay/cluster.py)
-        is in [low, high), in keyset pages by (point, token) after `after`."""
+    def due_tokens(self, run: int, points: tuple[int, int], after: tuple[int, str],
+                   limit: int) -> list[TokenState]:
+        """A keyset page of one token shard's active tokens with no final outcome in `run`:
+        the tokens whose point (relay/cluster.py) is in [low, high), ordered by (point,
+        token), after `after`; pass (low, "") for the first page and (point, token) of the
+        last token for the next."""
         rows = self._query(
             "SELECT token,"
             "       CASE WHEN run = %(run)s THEN attempts ELSE 0 END,"

@@ -15,9 +15,16 @@ from events import projection
 from events import types as ev
 from events.journal import Journal
 from events.projection import NEW_DEVICE, State
-from events.store import LogReader, RunRecord, TokenState
+from events.store import LogReader, TokenState
+from relay.cluster import POINTS, shard_bounds, token_point
 
 T0 = 1_700_000_000_000
+ALL_POINTS, FIRST = (0, POINTS), (0, "")  # the whole token space as one shard
+
+
+def by_point(tokens: list[str]) -> list[str]:
+    """The order the keyset pages read tokens in: by point, then token."""
+    return sorted(tokens, key=lambda t: (token_point(t), t))
 A, B, C = "aa" * 32, "bb" * 32, "cc" * 32
 
 
@@ -182,10 +189,8 @@ def append(dsn: str, events: list[ev.Event]) -> None:
 
 def test_reader_on_an_empty_log(reader: LogReader) -> None:
     assert reader.registration(A) == (False, None)
-    assert reader.unfinished_run() is None
-    assert reader.next_run_number() == 1
     assert reader.active_count() == 0
-    assert reader.due_tokens(1, "", 10) == []
+    assert reader.due_tokens(1, ALL_POINTS, FIRST, 10) == []
 
 
 def test_reader_registration_and_runs(dsn: str, reader: LogReader) -> None:
@@ -198,8 +203,6 @@ def test_reader_registration_and_runs(dsn: str, reader: LogReader) -> None:
     assert reader.registration(A) == (True, T0 + 7)
     assert reader.registration(B) == (False, T0)
     assert reader.active_count() == 1
-    assert reader.unfinished_run() == RunRecord(2, T0 + 30, 1, 1, 0, 0, 0, 0, 0)
-    assert reader.next_run_number() == 3
 
 
 def test_due_tokens_pages_active_tokens_without_a_final_outcome(
@@ -213,19 +216,23 @@ def test_due_tokens_pages_active_tokens_without_a_final_outcome(
         failed(1, tokens[2], T0 + 5, 1, verdict="dead_token"),     # final: dead
         delivered(1, tokens[3], T0 + 6),
     ])
-    pages, after = [], ""
-    while page := reader.due_tokens(1, after, 2):
+    pages, after = [], FIRST
+    while page := reader.due_tokens(1, ALL_POINTS, after, 2):
         pages.append(page)
-        after = page[-1].token
-    due = [state for page in pages for state in page]
+        after = (token_point(page[-1].token), page[-1].token)
+    due = {state.token: state for page in pages for state in page}
     assert all(len(page) <= 2 for page in pages)
-    assert [s.token for s in due] == [tokens[1], *tokens[4:9]]
-    assert due[0] == TokenState(tokens[1], 2, T0 + 60_000, "id-2")
-    assert due[1] == TokenState(tokens[4], 0, None, None)
+    assert list(due) == by_point([tokens[1], *tokens[4:9]])
+    assert due[tokens[1]] == TokenState(tokens[1], 2, T0 + 60_000, "id-2")
+    assert due[tokens[4]] == TokenState(tokens[4], 0, None, None)
+    # Within one shard: only its points.
+    low, high = shard_bounds(1, 2)
+    assert [s.token for s in reader.due_tokens(1, (low, high), (low, ""), 100)] == [
+        t for t in due if low <= token_point(t) < high]
     # In the next run, last run's finals no longer count; their state reads as fresh.
-    nxt = reader.due_tokens(2, "", 100)
-    assert [s.token for s in nxt] == tokens[:9]
-    assert nxt[0] == TokenState(tokens[0], 0, None, None)
+    nxt = {s.token: s for s in reader.due_tokens(2, ALL_POINTS, FIRST, 100)}
+    assert list(nxt) == by_point(tokens[:9])
+    assert nxt[tokens[0]] == TokenState(tokens[0], 0, None, None)
 
 
 def test_the_reader_never_reads_the_log(dsn: str) -> None:
@@ -243,10 +250,8 @@ def test_the_reader_never_reads_the_log(dsn: str) -> None:
     reader = LogReader(role_dsn)
     try:
         assert reader.registration(A) == (True, T0)
-        assert reader.unfinished_run() == RunRecord(1, T0 + 1, 1, 0, 0, 0, 0, 0, 0)
-        assert reader.next_run_number() == 2
         assert reader.active_count() == 1
-        assert [s.token for s in reader.due_tokens(1, "", 10)] == [A]
+        assert [s.token for s in reader.due_tokens(1, ALL_POINTS, FIRST, 10)] == [A]
     finally:
         reader.close()
         with psycopg.connect(dsn, autocommit=True) as conn:
