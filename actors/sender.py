@@ -115,7 +115,6 @@ class _Recorded:
 
 @dataclass(frozen=True)
 class _Refused:
-    fence: ev.Fence | None
     outcomes: list[_Outcome]
 
 
@@ -312,29 +311,34 @@ class SenderShard(pykka.ThreadingActor):
 
     def _flush(self) -> None:
         outcomes, self._unrecorded = self._unrecorded, []
-        if not outcomes:
-            return
-        # One append per token shard: the Journal refuses a stale epoch's append whole.
-        by_fence: dict[ev.Fence | None, list[_Outcome]] = {}
-        for outcome in outcomes:
-            by_fence.setdefault(outcome.fence, []).append(outcome)
-        for fence, group in by_fence.items():
-            self._append(fence, group)
+        if outcomes:
+            self._append(outcomes)
 
-    def _append(self, fence: ev.Fence | None, outcomes: list[_Outcome]) -> None:
+    def _append(self, outcomes: list[_Outcome]) -> None:
+        """One append for all of them. The Journal refuses an append whole when one of its
+        token shards has moved to a newer epoch (rare: a lease lost): then each shard's
+        outcomes are appended on their own, and only the stale ones are refused."""
         ref, dispatcher = self.actor_ref, self._dispatcher
         on_done(self._journal.append([e for o in outcomes for e in o.decision.events]),
                 lambda _: tell_quietly(ref, _Recorded(outcomes)),
-                lambda error: tell_quietly(ref, _Refused(fence, outcomes))
+                lambda error: tell_quietly(ref, _Refused(outcomes))
                 if isinstance(error, Fenced) else tell_quietly(dispatcher, ShardFault(error)))
 
     def _refused(self, refused: _Refused) -> None:
-        """The lease moved on while these were sent: nothing of them is in the log, and
-        the tokens are the new holder's now."""
+        """A lease moved on while these were sent: split by token shard and appended again
+        when they span several; refused alone, nothing of them is in the log, and the
+        tokens are the new holder's now."""
+        by_fence: dict[ev.Fence | None, list[_Outcome]] = {}
+        for outcome in refused.outcomes:
+            by_fence.setdefault(outcome.fence, []).append(outcome)
+        if len(by_fence) > 1:
+            for group in by_fence.values():
+                self._append(group)
+            return
         for outcome in refused.outcomes:
             self._deliveries.pop(outcome.token, None)
             self._report(TokenDone(outcome.token, None, outcome.sent, outcome.status, 0,
-                                   fence=refused.fence, fenced=True))
+                                   fence=outcome.fence, fenced=True))
 
     def _act(self, recorded: _Outcome) -> None:
         token, decision = recorded.token, recorded.decision
