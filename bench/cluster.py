@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -230,8 +231,10 @@ def _figures(dsn: str, tokens: int, processes: int, relay_cpu: float, postgres_c
                   takeover, resent)
 
 
-def baseline(admin_dsn: str, tokens: int, ref: str, workdir: Path) -> list[tuple[str, float]]:
-    """`relay wakeup` of `ref` and of this tree, alternately, twice each: run durations."""
+def baseline(admin_dsn: str, tokens: int, ref: str, workdir: Path
+             ) -> list[tuple[str, float, float]]:
+    """`relay wakeup` of `ref` and of this tree, alternately, twice each: run durations
+    and relay CPU seconds."""
     checkout = workdir / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(checkout), ref],
                    check=True, capture_output=True)
@@ -239,15 +242,15 @@ def baseline(admin_dsn: str, tokens: int, ref: str, workdir: Path) -> list[tuple
         runs = []
         for attempt in range(2):
             for name, tree in (("before", checkout), ("cluster", ROOT)):
-                runs.append((name, _one_wakeup(admin_dsn, tokens, tree,
-                                               workdir / f"{name}-{attempt}")))
+                runs.append((name, *_one_wakeup(admin_dsn, tokens, tree,
+                                                workdir / f"{name}-{attempt}")))
         return runs
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                         str(checkout)], check=False, capture_output=True)
 
 
-def _one_wakeup(admin_dsn: str, tokens: int, tree: Path, home: Path) -> float:
+def _one_wakeup(admin_dsn: str, tokens: int, tree: Path, home: Path) -> tuple[float, float]:
     home.mkdir()
     with migrated_database(admin_dsn, "bench_cluster_base") as dsn:
         seed_registry(dsn, tokens, 0)
@@ -255,17 +258,20 @@ def _one_wakeup(admin_dsn: str, tokens: int, tree: Path, home: Path) -> float:
         try:
             config = _config(home / "relay.yaml", dsn, simulator.apns, _free_port())
             env = {**os.environ, "PYTHONPATH": str(tree)}
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             with (home / "relay.log").open("w") as out:
                 subprocess.run([sys.executable, "-m", "relay", "-c", str(config), "wakeup"],
                                stdout=out, stderr=subprocess.STDOUT, cwd=tree, env=env,
                                check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         finally:
             simulator.stop()
         with psycopg.connect(dsn) as conn:
             row = conn.execute("SELECT started_at_ms, finished_at_ms FROM runs"
                                " ORDER BY run DESC LIMIT 1").fetchone()
         assert row is not None and row[1] is not None
-        return (row[1] - row[0]) / 1000
+        return (row[1] - row[0]) / 1000, cpu
 
 
 def report(results: list[Result], tokens: int) -> None:
@@ -314,10 +320,11 @@ def main(argv: list[str] | None = None) -> int:
             report(results, args.n)
             if args.baseline:
                 runs = baseline(admin_dsn, args.n, args.baseline, workdir)
-                for name, seconds in runs:
-                    print(f"  relay wakeup ({name}): {args.n / seconds:.0f} notifications/s")
-                before = sum(s for n, s in runs if n == "before")
-                after = sum(s for n, s in runs if n == "cluster")
+                for name, seconds, cpu in runs:
+                    print(f"  relay wakeup ({name}): {args.n / seconds:.0f} notifications/s,"
+                          f" relay CPU {1e6 * cpu / args.n:.0f} us per notification")
+                before = sum(s for n, s, _ in runs if n == "before")
+                after = sum(s for n, s, _ in runs if n == "cluster")
                 print(f"one process, cluster over {args.baseline}: {before / after:.3f}x "
                       f"the rate (load {os.getloadavg()[0]:.2f})")
     finally:
