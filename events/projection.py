@@ -37,7 +37,7 @@ from typing import Any
 
 import psycopg
 
-from events import codec
+from events import arrays, codec
 from events import types as ev
 
 # The verdict (relay.apns.reasons.Verdict.DEAD_TOKEN) that ends a token's run as 'dead'.
@@ -381,11 +381,10 @@ class BatchPatch:
         apply = state.apply
         for type_, data in batch:
             apply(type_, data)
-        self.device_groups: dict[int, list[list[Any]]] | None = None
+        self.device_groups: dict[int, list[arrays.BinaryArray]] | None = None
         if inline:
-            self.device_groups = _patch_groups(state)
+            self.device_groups, self.device_count = _patch_groups(state)
             self.device_rows = b""
-            self.device_count = sum(len(group[0]) for group in self.device_groups.values())
         else:
             self.device_rows, self.device_count = _patch_rows(state)
         self.runs = _run_columns(
@@ -398,11 +397,22 @@ class BatchPatch:
             with cur.copy(_COPY_PATCH) as copy:
                 copy.write(self.device_rows)
 
+    def statements(self) -> list[tuple[str, list[arrays.BinaryArray]]]:
+        """An inline patch as statements with their parameters (upserts that return
+        nothing), for a caller that sends them as parts of one statement of its own."""
+        assert self.device_groups is not None, "only an inline patch travels as parameters"
+        parts = [(_upsert_statement(mask), columns)
+                 for mask, columns in self.device_groups.items()]
+        if self.runs:
+            parts.append((_MERGE_RUN_PATCH, self.runs))
+        return parts
+
     def merge(self, cur: psycopg.Cursor[Any]) -> None:
         if self.device_groups is not None:
-            for mask, columns in self.device_groups.items():
-                cur.execute(_upsert_statement(mask), columns)
-        elif self.device_count:
+            for statement, params in self.statements():
+                cur.execute(statement, params)
+            return
+        if self.device_count:
             # Planned afresh each time (no prepared statement): a generic plan made while
             # `devices` was small would keep scanning it whole as it grows.
             cur.execute(_MERGE_PATCH, prepare=False)
@@ -410,9 +420,18 @@ class BatchPatch:
             cur.execute(_MERGE_RUN_PATCH, self.runs)
 
 
-def _run_columns(rows: Iterable[tuple[int, Sequence[Any]]]) -> list[list[Any]]:
+# As _RUN_ARRAYS casts them: run, started_at_ms, finished_at_ms, then the int4 counts.
+_RUN_FIELDS: tuple[type[arrays.BinaryArray], ...] = ((arrays.Int8Array,) * 3
+                                                     + (arrays.Int4Array,) * 7)
+
+
+def _run_columns(rows: Iterable[tuple[int, Sequence[Any]]]) -> list[arrays.BinaryArray]:
     """Run rows as the column arrays `_RUN_ARRAYS` takes."""
-    return [list(column) for column in zip(*((run, *row) for run, row in rows), strict=True)]
+    columns = list(zip(*((run, *row) for run, row in rows), strict=True))
+    if not columns:
+        return []
+    return [arrays.of_values(kind, column) for kind, column in zip(_RUN_FIELDS, columns,
+                                                                   strict=True)]
 
 
 _DELIVERY_MASK = 0b111110000  # the five delivery columns, nothing of the registration
@@ -472,23 +491,36 @@ def _patch_rows(patch: State) -> tuple[bytes, int]:
     return b"".join(parts), rows
 
 
-def _patch_groups(patch: State) -> dict[int, list[list[Any]]]:
+# The array kind of each of DEVICE_COLUMNS (_DEVICE_TYPES).
+_DEVICE_FIELDS: tuple[type[arrays.BinaryArray], ...] = (
+    arrays.BoolArray, arrays.Int8Array, arrays.Int8Array, arrays.TextArray, arrays.Int8Array,
+    arrays.Int4Array, arrays.Int8Array, arrays.TextArray, arrays.TextArray)
+
+
+def _patch_groups(patch: State) -> tuple[dict[int, list[arrays.BinaryArray]], int]:
     """The rows of `_patch_rows` by mask: per mask, column arrays (token, then the
-    columns the mask decides), as `_upsert_statement(mask)` takes them."""
-    groups: dict[int, list[list[Any]]] = {}
-    for token, row in patch.devices.items():
+    columns the mask decides), as `_upsert_statement(mask)` takes them; and how many."""
+    groups: dict[int, list[list[bytes]]] = {}
+    kinds: dict[int, list[type[arrays.BinaryArray]]] = {}
+    text, encode = codec.copy_text, arrays.FIELD
+    devices = patch.devices
+    for token, row in devices.items():
         mask = 0
-        values: list[Any] = [token]
+        fields = [text(token)]
         for i, value in enumerate(row):
             if value is not KEEP:
                 mask |= 1 << i
-                values.append(value)
+                fields.append(encode[_DEVICE_FIELDS[i]](value))
         columns = groups.get(mask)
         if columns is None:
-            columns = groups[mask] = [[] for _ in values]
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return groups
+            columns = groups[mask] = [[] for _ in fields]
+            kinds[mask] = [arrays.TextArray, *[kind for i, kind in enumerate(_DEVICE_FIELDS)
+                                                 if mask & (1 << i)]]
+        for column, field in zip(columns, fields, strict=True):
+            column.append(field)
+    return {mask: [arrays.array(kind, column) for kind, column in zip(kinds[mask], columns,
+                                                                      strict=True)]
+            for mask, columns in groups.items()}, len(devices)
 
 
 def write_runs(cur: psycopg.Cursor[Any], rows: Iterable[tuple[int, RunRow]]) -> None:
