@@ -7,7 +7,7 @@ The public facade: `WakeupRunner` runs one wakeup and returns a `RunResult`;
 from __future__ import annotations
 
 from actors.delivery import HaltInfo
-from actors.dispatcher import Progress, RunResult
+from actors.pace import Progress, RunResult
 from actors.registry import DeviceRegistry, RegistryHandle
 from actors.wakeup import ProgressLogger, WakeupRunner
 

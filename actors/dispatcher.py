@@ -1,14 +1,14 @@
 """The Dispatcher: drives one wakeup run from `run_started` to `run_finished`.
 
-It owns the run's pace, not its tokens. It pages through due tokens with the
-LogReader (keyset pages: memory holds one page, the tokens in flight and the
-parked ones, never the registry), and hands them to the Sender shards within a
-credit window of `wakeup.max_in_flight` sends. Parked tokens (in back-off) give
-their credit back and ask for one when due; those requests go before new
-tokens, so a retry is never starved by the rest of the run.
+It owns the run's pace, not its tokens. The pace itself (credit window of
+`wakeup.max_in_flight` sends, parked tokens' credit requests before new tokens,
+keyset pages of due tokens, circuit-breaker admission, the run's counts) is the
+plain class `actors.pace.RunPace`; this actor is its shell: it reads the pages
+with the LogReader (retrying the database), tells the Sender shards their work,
+appends the run's events, and wakes itself with an alarm for the breaker's
+probe and database retries.
 
-It also owns the circuit breaker (every send passes through its credit grant,
-so pausing the grants pauses all sending) and the run's end: the run finishes
+It also owns the run's end: the run finishes
 when the pages are exhausted and every token taken has a final outcome; it is
 left unfinished (for the next start to resume) when a stop is requested or APNs
 reports a relay bug or configuration error, after which `relay_halted` is
@@ -21,8 +21,7 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -32,20 +31,18 @@ import psycopg
 import pykka
 
 from actors.alarm import Alarm
-from actors.breaker import BreakerState, CircuitBreaker
-from actors.delivery import DeliveryPolicy, HaltInfo, Outcome
+from actors.breaker import CircuitBreaker
+from actors.delivery import DeliveryPolicy
+from actors.pace import ProgressCallback, RunPace, RunResult, counts
 from actors.registry import RegistryHandle
 from actors.sender import (
-    Assign,
     CreditWanted,
-    Grant,
     HaltReported,
     Reports,
     SenderShard,
     ShardFault,
     TokenDone,
     Work,
-    shard_of,
 )
 from events import types as ev
 from events.journal import Journal
@@ -54,60 +51,9 @@ from relay import metrics
 from relay.apns.processes import NotificationClient
 from relay.backoff import DecorrelatedJitter
 from relay.config import WakeupConfig
-from relay.database import RetryPauses
+from relay.database import RetryPauses, first_line, is_transient
 
 log = logging.getLogger(__name__)
-
-PAGE_SIZE = 500  # tokens per keyset page: one short query, a bounded slice of memory
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What one call of the wakeup produced; `halted` set means: exit status 9."""
-
-    run: int | None
-    finished: bool
-    resumed: bool = False
-    tokens: int = 0
-    delivered: int = 0
-    failed: int = 0
-    abandoned: int = 0
-    dead: int = 0  # dead-token verdicts; of those:
-    unregistered: int = 0  # unregistered
-    kept: int = 0  # kept: the device registered again after APNs' verdict
-    halted: HaltInfo | None = None
-    stopped: bool = False  # a stop was requested: the run is left for the next start
-    drained: bool = True  # False: the drain timed out with sends still unanswered
-
-
-@dataclass(frozen=True)
-class Progress:
-    """For progress bars and logs: tokens done (final outcome) of `total` in this run."""
-
-    run: int
-    done: int
-    total: int
-    sends: int  # answered sends in this process
-    elapsed: float  # seconds since this process took up the run
-    done_at_start: int = 0  # already done when a resumed run was taken up
-    dead: int = 0  # dead-token verdicts so far, of which
-    unregistered: int = 0  # unregistered
-    kept: int = 0  # and kept (registered again)
-
-    @property
-    def rate(self) -> float:
-        """Tokens finished per second in this process."""
-        return (self.done - self.done_at_start) / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left at the current rate (None until there is a rate)."""
-        rate = self.rate
-        return max(0, self.total - self.done) / rate if rate > 0 else None
-
-
-ProgressCallback = Callable[[Progress], None]
-
 
 @dataclass(frozen=True)
 class Drain:
@@ -148,45 +94,26 @@ class Dispatcher(pykka.ThreadingActor):
         self._progress_cb = progress
         self._policy = DeliveryPolicy(config.attempts, DecorrelatedJitter(
             config.backoff_base, config.backoff_max, config.backoff_factor, rng))
-        self._breaker = CircuitBreaker(config.breaker_pause)
+        self._pace = RunPace(config.max_in_flight, CircuitBreaker(config.breaker_pause))
         self._alarm = Alarm(lambda: _tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
         self._shards: list[pykka.ActorRef[SenderShard]] = []
 
-        # The run's counters change with every token: plain ints here, folded into a
-        # RunResult (`_result`) only when one is asked for (dataclasses.replace per token
-        # was a third of the Dispatcher's time).
-        self._base = RunResult(run=None, finished=False)
-        self._delivered = self._failed = self._abandoned = 0
-        self._dead = self._unregistered = self._kept = 0
+        self._base = RunResult(run=None, finished=False)  # the counts live in `_pace`
         self._started = False
-        self._credits = config.max_in_flight
-        self._page: deque[TokenState] = deque()
-        self._cursor = ""
-        self._exhausted = False
-        self._wanted: deque[CreditWanted] = deque()
-        self._active = 0  # tokens taken in this process without a final outcome yet
-        self._taken = 0
-        self._sends = 0
-        self._stopping = False
         self._halt_recorded = False
         self._finishing = False
         self._db_pauses = RetryPauses()
         self._db_retry_at: float | None = None
         self._t0 = time.monotonic()
-        self._done_at_start = 0
 
     @property
     def _result(self) -> RunResult:
-        return replace(self._base, delivered=self._delivered, failed=self._failed,
-                       abandoned=self._abandoned, dead=self._dead,
-                       unregistered=self._unregistered, kept=self._kept)
+        return self._pace.tally(self._base)
 
     @_result.setter
     def _result(self, result: RunResult) -> None:
         self._base = result
-        self._delivered, self._failed = result.delivered, result.failed
-        self._abandoned, self._dead = result.abandoned, result.dead
-        self._unregistered, self._kept = result.unregistered, result.kept
+        self._pace.count_from(result)
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -228,10 +155,10 @@ class Dispatcher(pykka.ThreadingActor):
             self._fail(message.error)
             return None
         elif isinstance(message, Drain):
-            if not self._stopping:
+            if not self._pace.stopping:
                 log.info("stop requested: no new sends; waiting for %d in flight",
-                         self._in_flight)
-            self._stopping = True
+                         self._pace.in_flight)
+            self._pace.stop()
             self._result = replace(self._result, stopped=True)
         elif isinstance(message, _Begin):
             self._begin()
@@ -248,16 +175,11 @@ class Dispatcher(pykka.ThreadingActor):
         if isinstance(report, TokenDone):
             self._token_done(report)
         elif isinstance(report, CreditWanted):
-            if not self._stopping:
-                self._wanted.append(report)
+            self._pace.want(report)
         else:
             self._halt(report)
 
     # --- the run -------------------------------------------------------------------------
-
-    @property
-    def _in_flight(self) -> int:
-        return self._config.max_in_flight - self._credits
 
     def _begin(self) -> None:
         """Resume the unfinished run, else start a new one."""
@@ -268,19 +190,20 @@ class Dispatcher(pykka.ThreadingActor):
                 run = self._reader.next_run_number()
                 tokens = self._reader.active_count()
         except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise  # a bug, not an outage: the run fails (and the supervisor says so)
             self._retry_db("start the run", exc)
             return
         self._db_pauses.reset()
         if unfinished is not None:
-            self._result = RunResult(
+            self._base = RunResult(
                 run=unfinished.run, finished=False, resumed=True, tokens=unfinished.tokens,
                 delivered=unfinished.delivered, failed=unfinished.failed,
                 abandoned=unfinished.abandoned, dead=unfinished.dead,
                 unregistered=unfinished.unregistered, kept=unfinished.kept)
-            self._done_at_start = (unfinished.delivered + unfinished.abandoned
-                                   + unfinished.dead)
+            self._pace.resume(self._base)
             log.info("resuming unfinished run %d (%d tokens, %d already done)",
-                     unfinished.run, unfinished.tokens, self._done_at_start)
+                     unfinished.run, unfinished.tokens, self._pace.done_at_start)
             self._take_up(unfinished.run)
             return
         metrics.DEVICES_REGISTERED.set(tokens)
@@ -315,7 +238,7 @@ class Dispatcher(pykka.ThreadingActor):
             metrics.RUN_DURATION.observe(time.monotonic() - self._t0)
             self._result = replace(self._result, finished=True)
             self._report_progress()
-            log.info("run %s finished: %s", self._result.run, _counts(self._result),
+            log.info("run %s finished: %s", self._result.run, counts(self._result),
                      extra={"run": self._result.run})
             self._done.set_result(self._result)
             return
@@ -325,92 +248,49 @@ class Dispatcher(pykka.ThreadingActor):
         """Grant credits: parked tokens that are due first, then new tokens from the page."""
         if not self._started:
             # Stopped while the database keeps the run from starting: nothing is in flight.
-            if self._stopping and self._db_retry_at is not None and not self._done.done():
+            if self._pace.stopping and self._db_retry_at is not None and not self._done.done():
                 self._done.set_result(self._result)
             return
         if self._finishing or self._done.done():
             return
         # One message per shard per feed, however many credits this feed hands out.
-        work: dict[int, list[Assign | Grant]] = {}
-        while self._credits > 0 and not self._stopping:
-            if self._wanted:
-                if not self._breaker.admit(self._wanted[0].token):
-                    break
-                wanted = self._wanted.popleft()
-                self._credits -= 1
-                work.setdefault(wanted.shard, []).append(Grant(wanted.token))
-                continue
-            if not self._page and not self._exhausted and not self._fetch_page():
-                break
-            if not self._page:
-                break
-            if not self._breaker.admit(self._page[0].token):
-                break
-            state = self._page.popleft()
-            self._credits -= 1
-            self._active += 1
-            self._taken += 1
-            work.setdefault(shard_of(state.token, len(self._shards)), []).append(Assign(state))
+        work = self._pace.feed(len(self._shards), self._read_page)
         for shard, items in work.items():
             self._shards[shard].tell(Work(tuple(items)))
-        resume_at = self._breaker.resume_at
+        resume_at = self._pace.breaker.resume_at
         if resume_at is not None:
             self._alarm.at(resume_at)
         self._maybe_end()
 
-    def _fetch_page(self) -> bool:
-        assert self._result.run is not None
+    def _read_page(self, cursor: str, limit: int) -> Sequence[TokenState] | None:
+        assert self._base.run is not None
         if self._db_retry_at is not None and time.monotonic() < self._db_retry_at:
-            return False  # the database failed a moment ago: wait for the alarm
+            return None  # the database failed a moment ago: wait for the alarm
         self._db_retry_at = None
         try:
-            page = self._reader.due_tokens(self._result.run, self._cursor, PAGE_SIZE)
+            page = self._reader.due_tokens(self._base.run, cursor, limit)
         except psycopg.Error as exc:
+            if not is_transient(exc):
+                raise
             self._retry_db("read due tokens", exc)
-            return False
+            return None
         self._db_pauses.reset()
-        if len(page) < PAGE_SIZE:
-            self._exhausted = True
-        if page:
-            self._cursor = page[-1].token
-            self._page.extend(page)
-        return True
+        return page
 
     def _retry_db(self, what: str, exc: Exception) -> None:
         delay = self._db_pauses.next()
-        log.warning("cannot %s (%s); retrying in %.1fs", what, exc, delay)
+        log.warning("cannot %s (%s); retrying in %.1fs", what, first_line(exc), delay)
         self._db_retry_at = time.monotonic() + delay
         self._alarm.at(self._db_retry_at)
 
     def _token_done(self, done: TokenDone) -> None:
-        self._credits += 1
-        if done.sent:
-            self._sends += 1
-            was_open = self._breaker.state is not BreakerState.CLOSED
-            self._breaker.record(done.token, done.status, done.reason)
-            self._breaker_changed(was_open)
-        else:
-            self._breaker.void_probe(done.token)
-        self._failed += done.failed_events
-        if done.outcome is None or not done.outcome.final:
-            return
-        self._active -= 1
-        if done.outcome is Outcome.DELIVERED:
-            self._delivered += 1
-        elif done.outcome is Outcome.ABANDONED:
-            self._abandoned += 1
-        else:
-            self._dead += 1
-            if done.dead_decision == ev.DEVICE_UNREGISTERED:
-                self._unregistered += 1
-            elif done.dead_decision == ev.UNREGISTER_SKIPPED:
-                self._kept += 1
-        self._report_progress()
+        is_open = self._pace.token_done(done)
+        if is_open is not None:
+            self._breaker_changed(is_open)
+        if done.outcome is not None and done.outcome.final:
+            self._report_progress()
 
-    def _breaker_changed(self, was_open: bool) -> None:
-        is_open = self._breaker.state is not BreakerState.CLOSED
-        if is_open == was_open:
-            return
+    def _breaker_changed(self, is_open: bool) -> None:
         if is_open:
             log.warning("APNs is in trouble (many tokens failing at once): pausing all sends "
                         "for %.0fs, then probing", self._config.breaker_pause)
@@ -421,33 +301,31 @@ class Dispatcher(pykka.ThreadingActor):
             metrics.BREAKER_OPENED_AT.set_to_current_time()
 
     def _halt(self, report: HaltReported) -> None:
-        self._credits += 1
-        self._failed += 1
+        self._pace.halt_reported()
         if self._base.halted is not None:
             return
         halt = report.halt
         log.error("halting the relay: %s", halt.message,
                   extra={"run": halt.run, "token": halt.token, "status": halt.status,
                          "reason": halt.reason, "halt_class": halt.halt_class})
-        self._stopping = True
-        self._result = replace(self._result, halted=halt)
+        self._base = replace(self._base, halted=halt)
         self._append([halt.event(ev.now_ms())], "halted")
 
     def _maybe_end(self) -> None:
-        if self._stopping:
-            halt_pending = self._result.halted is not None and not self._halt_recorded
-            if self._in_flight == 0 and not halt_pending and not self._done.done():
+        if self._pace.stopping:
+            halt_pending = self._base.halted is not None and not self._halt_recorded
+            if self._pace.in_flight == 0 and not halt_pending and not self._done.done():
                 self._report_progress()
                 self._done.set_result(self._result)
             return
-        if self._exhausted and not self._page and self._active == 0 and not self._finishing:
+        if self._pace.all_done and not self._finishing:
             self._finishing = True
-            run = self._result.run
+            run = self._base.run
             assert run is not None
-            tokens = self._done_at_start + self._taken
-            self._result = result = replace(self._result, tokens=tokens)
+            self._base = replace(self._base, tokens=self._pace.tokens)
+            result = self._result
             self._append([ev.run_finished(
-                run, ev.now_ms(), tokens=tokens, delivered=result.delivered,
+                run, ev.now_ms(), tokens=result.tokens, delivered=result.delivered,
                 failed=result.failed, abandoned=result.abandoned, dead=result.dead,
                 unregistered=result.unregistered, kept=result.kept)], "finished")
 
@@ -471,17 +349,8 @@ class Dispatcher(pykka.ThreadingActor):
         run = self._base.run
         if self._progress_cb is None or run is None:
             return
-        now = time.monotonic()
-        done = self._delivered + self._abandoned + self._dead
-        self._progress_cb(Progress(run, done, max(self._base.tokens, done), self._sends,
-                                   now - self._t0, self._done_at_start, self._dead,
-                                   self._unregistered, self._kept))
-
-
-def _counts(result: RunResult) -> str:
-    return (f"{result.tokens} tokens, {result.delivered} delivered, {result.failed} failed "
-            f"attempts, {result.abandoned} abandoned, {result.dead} dead (unregistered "
-            f"{result.unregistered}, kept {result.kept})")
+        self._progress_cb(self._pace.progress(run, self._base.tokens,
+                                              time.monotonic() - self._t0))
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:

@@ -51,7 +51,7 @@ from events.journal import Journal
 from events.store import LogReader
 from relay import metrics
 from relay.config import RegistryConfig
-from relay.database import RetryPauses
+from relay.database import RetryPauses, first_line, is_transient
 from relay.tokens import redact
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ _TokenState = tuple[bool, "int | None"]
 class _ReadDone:
     token: str
     state: _TokenState | None  # None: the read failed (error says why)
-    error: str = ""
+    error: psycopg.Error | None = None
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,7 @@ class Registry(pykka.ThreadingActor):
             try:
                 state = reader.registration(token)
             except psycopg.Error as exc:
-                _tell_quietly(ref, _ReadDone(token, None, str(exc).strip() or repr(exc)))
+                _tell_quietly(ref, _ReadDone(token, None, exc))
             else:
                 _tell_quietly(ref, _ReadDone(token, state))
 
@@ -341,11 +341,15 @@ class Registry(pykka.ThreadingActor):
 
     def _read_done(self, message: _ReadDone) -> None:
         if message.state is None:
+            assert message.error is not None
+            if not is_transient(message.error):
+                self._refuse(message.token, message.error)
+                return
             self._unread.append(message.token)
             if self._retry_timer is None:
                 delay = self._pauses.next()
                 log.warning("cannot read the registration of %s (%s); retrying in %.1fs",
-                            redact(message.token), message.error.splitlines()[0], delay)
+                            redact(message.token), first_line(message.error), delay)
                 self._retry_timer = self._timer(delay, _RetryReads())
             return
         self._pauses.reset()
@@ -359,6 +363,17 @@ class Registry(pykka.ThreadingActor):
                     self._waiting[message.token][1].extend(requests[i + 1:])
                     break
                 state = self._decide(request, state)
+
+    def _refuse(self, token: str, error: psycopg.Error) -> None:
+        """The database refused the read itself (a bug, not an outage): retrying would
+        fail the same way, so the requests waiting on it fail with the error."""
+        log.error("cannot read the registration of %s: the database refused the query (%s)",
+                  redact(token), first_line(error))
+        _, requests = self._waiting.pop(token, (0, []))
+        for request in requests:
+            self._finished(request)
+            with contextlib.suppress(InvalidStateError):
+                request.reply.set_exception(error)
 
     # --- the registered-devices gauge ---
 
@@ -377,8 +392,13 @@ class Registry(pykka.ThreadingActor):
             try:
                 metrics.DEVICES_REGISTERED.set(reader.active_count())
             except psycopg.Error as exc:
+                if not is_transient(exc):
+                    log.error("cannot count registered devices: the database refused the "
+                              "query (%s)", first_line(exc))
+                    return  # counted again after the next change, not every few seconds
                 self._overlay.changed = True
-                log.warning("cannot count registered devices (%s); the gauge waits", exc)
+                log.warning("cannot count registered devices (%s); the gauge waits",
+                            first_line(exc))
 
         with contextlib.suppress(RuntimeError):
             self._reads.submit(count)

@@ -7,7 +7,8 @@ runs many wakeups over one set of connections. `request_stop()` (from a signal
 handler's thread, say) drains: no new sends, in-flight sends recorded, the run
 left unfinished for the next start to resume, all within `wakeup.drain_timeout`.
 
-Wiring, in dependency order (stop in reverse)::
+Wiring by hand, as tests do (the relay's own start sequence is `Supervisor.running`
+in relay/supervisor.py), in dependency order, stopped in reverse::
 
     journal = Journal(dsn); journal.start()
     registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
@@ -33,14 +34,8 @@ from typing import Any
 import pykka
 
 from actors.delivery import HaltInfo
-from actors.dispatcher import (
-    Dispatcher,
-    Drain,
-    Progress,
-    ProgressCallback,
-    RunResult,
-    Snapshot,
-)
+from actors.dispatcher import Dispatcher, Drain, Snapshot
+from actors.pace import Progress, ProgressCallback, RunResult
 from actors.registry import RegistryHandle
 from events.journal import Journal
 from events.store import LogReader
@@ -73,7 +68,7 @@ class WakeupRunner:
                  lost: Future[None] | None = None) -> RunResult:
         """Run (or resume) one wakeup to its end, a halt, or a requested stop. `lost`
         resolved (from any thread) drains this run as a stop does, without refusing the
-        next: the run lock was lost (relay.supervisor.drive_run)."""
+        next: the run lock was lost (relay.runlock.drive_run)."""
         if self._stop.done():
             return RunResult(run=None, finished=False, stopped=True)
         # Outcomes an earlier take-up appended (one whose drain timed out after a lost run
@@ -143,13 +138,17 @@ class ProgressLogger:
     def __init__(self, interval: float, logger: logging.Logger = log) -> None:
         self._interval, self._log = interval, logger
         self._last: float | None = None
+        self._last_line: tuple[int, int, int] | None = None  # (run, done, total) logged last
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
+        line = (progress.run, progress.done, progress.total)
         final = progress.done >= progress.total
         if self._last is not None and now - self._last < self._interval and not final:
             return
-        self._last = now
+        if final and line == self._last_line:
+            return  # the run's end is reported again when it is recorded: said once
+        self._last, self._last_line = now, line
         eta = progress.eta
         self._log.info("run %d: %d/%d tokens done (dead %d: unregistered %d, kept %d), "
                        "%.1f tokens/s, ETA %s", progress.run, progress.done, progress.total,

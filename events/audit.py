@@ -41,11 +41,9 @@ from events import checkpoint, codec, projection, shapes
 from events.projection import DeviceRow, RunRow, State, time_ms
 from events.types import iso_ms, parse_iso_ms
 from relay.database import connect
+from relay.exits import ExitStatus
 from relay.tokens import InvalidToken, normalize_token
 
-EXIT_OK = 0
-EXIT_MISMATCH = 1
-EXIT_USAGE = 2
 # Events per keyset page. Small enough that a page, the one queued behind it and the fold's
 # working set stay in the CPU caches: 2,000 (about 0.6 MB) replayed 1M events in 10% less
 # CPU than 20,000 (bench/replay.py); the helper thread runs the extra queries meanwhile.
@@ -591,7 +589,7 @@ def _parse(command: str, argv: list[str]) -> argparse.Namespace | int:
             args.verify = True
         return args
     except SystemExit as exc:
-        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+        return ExitStatus.OK if exc.code == 0 else ExitStatus.USAGE
 
 
 def usage_status(command: str, argv: list[str]) -> int | None:
@@ -606,12 +604,12 @@ def usage_status(command: str, argv: list[str]) -> int | None:
         if parsed.token or parsed.json:
             print("python -m relay audit: --html reports on the whole log; it cannot be "
                   "combined with --token or --json", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitStatus.USAGE
         try:
             require_plotting()
         except ReportUnavailable as exc:
             print(f"python -m relay audit: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitStatus.USAGE
     return None
 
 
@@ -637,7 +635,7 @@ def audit_main(dsn: str, argv: list[str], *, signing_key: Path | None = None,
             public = checkpoint.load_public_key(key_file)
         except (checkpoint.CheckpointError, FileNotFoundError) as exc:
             print(f"audit: {exc}: pass --public-key FILE", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitStatus.USAGE
     token: str | None = args.token
     with connect(dsn, application_name="relay-audit") as conn:
         _read_only_snapshot(conn)
@@ -700,7 +698,7 @@ def audit_main(dsn: str, argv: list[str], *, signing_key: Path | None = None,
         sys.stdout.write("\n")
     else:
         _print_text(report, sys.stdout)
-    return EXIT_MISMATCH if not result.verified else EXIT_OK
+    return ExitStatus.FAILURE if not result.verified else ExitStatus.OK
 
 
 def _check_prefix_against_head(cur: psycopg.Cursor[Any], result: Replay) -> None:
@@ -837,7 +835,7 @@ def rebuild_main(dsn: str, argv: list[str] | None = None) -> int:
         conn.commit()
     print(f"rebuilt devices ({devices:,} rows) and runs "
           f"({len(result.state.runs):,} rows) from {result.events:,} events")
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 DEVICE_COPY_TYPES = ["text", "bool", "int8", "int8", "text", "int8", "int4", "int8", "text",

@@ -68,14 +68,10 @@ from events import arrays, codec, projection
 from events import types as ev
 from events.types import EVENT_TYPES, Event
 from relay import metrics
-from relay.database import RetryPauses, connect
+from relay.database import RetryPauses, connect, first_line, is_transient
 
 log = logging.getLogger(__name__)
 
-# Errors worth retrying: the connection or the server, not the statement, failed.
-# SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock),
-# 53 insufficient resources, 57 operator intervention (shutdown, terminated), 58 I/O.
-TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 # An orphaned transaction of ours (client gone, server unaware) would hold the head
 # lock and stall every writer; the server ends such a session after this long.
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
@@ -145,13 +141,6 @@ class _Request:
     enqueued: float
     decide: tuple[str, Decide] | None = None  # (token, rule), decided under the head lock
     decided: Event | None = None
-
-
-def _is_transient(exc: psycopg.Error) -> bool:
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-        return True
-    state = exc.sqlstate or ""
-    return state[:2] in TRANSIENT_SQLSTATE_CLASSES
 
 
 def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int,
@@ -486,7 +475,7 @@ class Journal:
                 positions = self._write(batch, batch_id, retrying)
             except psycopg.Error as exc:
                 self._discard_connection()
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     log.error("the database refused a batch of %d events: %s",
                               sum(len(r.events) for r in batch), exc)
                     self._fail(batch, JournalError(f"the database refused the events: {exc}"))
@@ -494,8 +483,7 @@ class Journal:
                 self._set_available(False)
                 delay = pauses.next()
                 log.warning("event log write failed (%s); retrying in %.2f s",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else
-                            type(exc).__name__, delay)
+                            first_line(exc), delay)
                 in_doubt = in_doubt or self._commit_sent
                 if not self._pause(delay):
                     self._stopped_with(batch, batch_id, in_doubt)
@@ -524,9 +512,7 @@ class Journal:
         except psycopg.Error as exc:
             self._discard_connection()
             if self._available:
-                log.warning("the event log's database does not answer: %s",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else
-                            type(exc).__name__)
+                log.warning("the event log's database does not answer: %s", first_line(exc))
             self._set_available(False)
             return
         self._set_available(True)

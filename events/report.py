@@ -25,9 +25,9 @@ from events.audit import Replay, check_head, replay
 from events.report_data import NO_ANSWER, OUTCOMES, ReportData, collect
 from events.types import iso_ms
 from relay.database import connect
+from relay.exits import ExitStatus
 from relay.tokens import redact
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 MAX_STEP_POINTS = 2_000  # points of the active-devices line; the rest are thinned out
 TIME_BINS = 60  # bins of the failure-reasons chart
 TOP_REASONS = 8  # reasons drawn on their own; the others are summed as "other"
@@ -74,11 +74,11 @@ def html_main(dsn: str, path: str, *, until_ms: int | None, interval: float | No
         require_plotting()
     except ReportUnavailable as exc:
         print(f"apns-relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     if not Path(path).parent.is_dir():
         print(f"apns-relay: cannot write {path}: no directory {Path(path).parent}",
               file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     with connect(dsn, application_name="relay-report") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         result = replay(conn, verify=True, until_ms=until_ms)
@@ -90,7 +90,7 @@ def html_main(dsn: str, path: str, *, until_ms: int | None, interval: float | No
     _write_atomically(Path(path), render(data, checked, interval=interval, until_ms=until_ms))
     state = "verified" if checked.verified else "NOT verified"
     print(f"wrote {path}: {data.events:,} events, {len(data.runs):,} runs, log {state}")
-    return EXIT_OK if checked.verified else EXIT_MISMATCH
+    return ExitStatus.OK if checked.verified else ExitStatus.FAILURE
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from relay.database import connect
+from relay.database import connect, is_transient
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,10 @@ class LogReader:
                                      application_name="relay-log-reader")
             try:
                 return self._conn.execute(sql, params).fetchall()
-            except psycopg.OperationalError:
-                self._conn.close()
-                self._conn = None
+            except psycopg.Error as exc:
+                if is_transient(exc):  # the connection may be gone: a new one next time
+                    self._conn.close()
+                    self._conn = None
                 raise
 
     def close(self) -> None:

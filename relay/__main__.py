@@ -1,27 +1,44 @@
-"""`python -m relay` (also `apns-relay`): the supervisor and the operator commands.
+"""`python -m relay` (also `apns-relay`): the command line, and what each command runs.
 
-Exit statuses (`check` has its own, relay/check.py): 0 done (also after SIGTERM/SIGINT
-drained a run); 1 the audit found a mismatch, a runtime failure, or crashes came faster
-than the supervisor may restart them; 2 bad configuration or usage, or a runtime role that
-could rewrite the log although database.owner_dsn is set; 3 the database could not be
-reached (for 30 s at start) or was lost during a command, so nothing was checked;
-9 APNs reported a relay bug or a configuration error (a `relay_halted` event says
-which and why).
+`run` (the default) is the supervisor (relay/supervisor.py); `wakeup` one run under
+the supervisor's watch, with a progress bar on a terminal; `audit` and `rebuild` replay
+the log (events/audit.py); `check` the readiness checks (relay/check.py); `simulator`
+the APNs simulator. Exit statuses: relay/exits.py, one table for every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
-from relay import NAME, __version__
-from relay.config import ConfigError, load_config
+import psycopg
 
-EXIT_USAGE = 2
+from actors import ProgressLogger
+from actors.pace import Progress, ProgressCallback, summary
+from events import checkpoint
+from events.audit import audit_main, rebuild_main, usage_status
+from relay import NAME, __version__, environment, privilege
+from relay.apns.client import credential_problem
+from relay.config import Config, ConfigError, check_open_files, load_config
+from relay.database import DatabaseError, connect, is_transient
+from relay.exits import ExitStatus
+from relay.runlock import drive_run
+from relay.supervisor import Supervisor, exit_status_of
 
 log = logging.getLogger("relay")
+
+# The hard exit after SIGTERM/SIGINT comes this much before `wakeup.drain_timeout` runs out,
+# so that the process is gone within it even counting the exit itself.
+EXIT_MARGIN = 0.1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,8 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return simulator_main(rest)
     if command in ("audit", "rebuild"):
-        from events.audit import usage_status
-
         status = usage_status(command, rest)
         if status is not None:
             return status
@@ -73,13 +88,156 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"{NAME}: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     from relay.logs import configure
 
     configure(config.logging)
-    from relay.supervisor import run_command
-
     return run_command(command, config, rest)
+
+
+class ProgressBar:
+    """A tqdm bar on the terminal for `relay wakeup`: tokens done of the run's total.
+
+    While it shows, log lines are written through tqdm so they do not break the bar.
+    """
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(unit="token", desc="wakeup")
+
+    def __call__(self, progress: Progress) -> None:
+        self._bar.total = progress.total
+        self._bar.update(progress.done - self._bar.n)
+
+    @contextmanager
+    def showing(self) -> Iterator[None]:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+                yield
+        finally:
+            self._bar.close()
+
+
+def wakeup_once(config: Config, dsn: str) -> int:
+    """`python -m relay wakeup`: one run, retries included; 9 on a halt."""
+    # The supervisor's watch, without its API and its worker: crashed parts are
+    # restarted within the same budget, and too many crashes end the run.
+    supervisor = Supervisor(config, dsn)
+    stopping = supervisor.stopping
+    _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
+    with supervisor.running(serve=False) as parts:
+        watch = threading.Thread(target=supervisor.watch, name="wakeup-watch", daemon=True)
+        watch.start()
+        bar = ProgressBar() if sys.stderr.isatty() else None
+        progress: ProgressCallback = bar or ProgressLogger(config.wakeup.progress_interval)
+        shown = bar.showing() if bar is not None else contextlib.nullcontext()
+        with shown:
+            result = drive_run(dsn, parts.runner, stopping, progress)
+        escalated = supervisor.exit_status
+        stopping.set()
+        watch.join()
+        if escalated != ExitStatus.OK:
+            return escalated
+        if result is None:
+            log.info("wakeup: stopped before the run started")
+            return ExitStatus.OK
+        log.info("wakeup: %s", summary(result))
+        return exit_status_of(result)
+
+
+def _install_signal_handlers(on_signal: Callable[[], None], drain_timeout: float) -> None:
+    """SIGTERM and SIGINT drain in-flight sends instead of killing them, within a deadline.
+
+    The runner bounds the drain itself (`wakeup.drain_timeout` less a reserve for stopping
+    the parts). The first signal also arms a hard deadline for everything after it, such
+    as the Journal flushing to a database that has just gone away: at the drain timeout the
+    process exits on the spot. That is as safe as a crash, which the log is built for:
+    whatever is not committed by then is sent again at the next start, and no registration
+    was acknowledged before its COMMIT.
+    """
+    armed = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: draining in-flight sends", signal.Signals(signum).name)
+        if not armed.is_set():
+            armed.set()
+            deadline = threading.Timer(max(0.0, drain_timeout - EXIT_MARGIN), _exit_at_deadline,
+                                       args=(drain_timeout,))
+            deadline.daemon = True
+            deadline.start()
+        on_signal()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _exit_at_deadline(drain_timeout: float) -> None:
+    log.warning("still stopping %.1fs after the signal (wakeup.drain_timeout): exiting now; "
+                "what is not recorded is sent again at the next start", drain_timeout)
+    for stream in (sys.stderr, sys.stdout):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(ExitStatus.OK)
+
+
+def print_checkpoint(config: Config, dsn: str) -> int:
+    """`python -m relay checkpoint`: one signed checkpoint of the log's head, as JSON."""
+    key = checkpoint.load_or_create_key(config.signing_key)
+    with connect(dsn, application_name="relay-checkpoint") as conn:
+        print(json.dumps(checkpoint.take(conn, key)))
+    return ExitStatus.OK
+
+
+def run_command(command: str, config: Config, rest: list[str]) -> int:
+    """Run a CLI command against the configured (or embedded) database."""
+    try:
+        if command == "run":
+            check_open_files(config)
+        if command in ("run", "wakeup") and config.apns.credentials_given:
+            problem = credential_problem(config.apns)
+            if problem is not None:
+                raise ConfigError(config.source, *problem)
+        with environment.database_access(config) as access:
+            dsn = access.dsn
+            if command == "audit":
+                return audit_main(dsn, rest, signing_key=config.signing_key,
+                                  warnings=access.warnings, interval=config.wakeup.interval)
+            if command == "rebuild":
+                return rebuild_main(dsn, rest)
+            if checkpoint.create_log(dsn):
+                log.info("created the event log (its first event, log_created, holds "
+                         "its genesis value)")
+            if command == "migrate":
+                log.info("migrations applied")
+                return ExitStatus.OK
+            if command == "checkpoint":
+                return print_checkpoint(config, dsn)
+            if command == "wakeup":
+                return wakeup_once(config, dsn)
+            supervisor = Supervisor(config, dsn)
+            _install_signal_handlers(supervisor.stop, config.wakeup.drain_timeout)
+            with supervisor.running(serve=True):
+                return supervisor.run()
+    except privilege.PrivilegeError as exc:
+        log.critical("%s", exc)
+        return ExitStatus.USAGE
+    except checkpoint.CheckpointError as exc:
+        log.critical("%s", exc)
+        return ExitStatus.USAGE
+    except ConfigError as exc:  # found at start: the credentials, the open-file limit
+        print(f"{NAME}: configuration error: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    except DatabaseError as exc:
+        log.critical("%s", exc)
+        return ExitStatus.UNAVAILABLE
+    except psycopg.Error as exc:  # lost during a command (audit, rebuild)
+        if not is_transient(exc):
+            raise
+        log.critical("lost the database: %s", exc)
+        return ExitStatus.UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ from typing import Any
 import psycopg
 
 from relay import privilege
-from relay.apns.client import ApnsClient, ApnsResult
+from relay.apns.client import ApnsClient
 from relay.apns.reasons import Verdict
+from relay.apns.results import ApnsResult
 from relay.config import ApnsConfig, Config, ConfigError, load_config
 from relay.database import DatabaseError, EmbeddedPostgres, connect, migrations
+from relay.exits import ExitStatus
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 # 32 zero bytes: well-formed, and no device's (Apple's tokens are random).
 PROBE_TOKEN = "00" * 32
 DATABASE_CONNECT_TIMEOUT = 5
@@ -216,7 +217,7 @@ def check_main(config_path: str | None, argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
-        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+        return ExitStatus.OK if exc.code == 0 else ExitStatus.USAGE
     results = run_checks(config_path)
     ok = all(result.ok for result in results)
     if args.json:
@@ -225,4 +226,4 @@ def check_main(config_path: str | None, argv: list[str]) -> int:
     else:
         for result in results:
             print(result.line())
-    return EXIT_OK if ok else EXIT_PROBLEM
+    return ExitStatus.OK if ok else ExitStatus.FAILURE

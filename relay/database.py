@@ -65,6 +65,35 @@ class RetryPauses:
         """After a success: the next outage starts again from RETRY_MIN."""
         self._next = self._jitter.base
 
+
+# Errors worth waiting out: the connection or the server failed, not the statement.
+# SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock),
+# 53 insufficient resources, 57 operator intervention (shutdown, terminated), 58 I/O.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Should this database error be retried (with `RetryPauses`)?
+
+    The one classification every reader and writer of the relay uses. Yes for a lost or
+    refused connection and the SQLSTATE classes above: the same statement may succeed
+    once the server is back. No for everything else (a programming error such as an
+    undefined table or a missing privilege, a violated constraint): it would fail the
+    same way forever, so it is reported instead of retried.
+    """
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    return (exc.sqlstate or "")[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+def first_line(exc: BaseException) -> str:
+    """A database error for a log line: the first line of its message, else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # Migrations run under this advisory lock, so relay processes starting together
 # apply each file exactly once instead of racing on CREATE TABLE.
 MIGRATION_LOCK_KEY = 0x61706E73  # "apns"
@@ -370,6 +399,5 @@ def wait_until_reachable(dsn: str, timeout: float) -> None:
                 return
         except psycopg.OperationalError as exc:
             if time.monotonic() >= deadline:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise DatabaseError(f"cannot reach the database: {first_line}") from None
+                raise DatabaseError(f"cannot reach the database: {first_line(exc)}") from None
             time.sleep(0.5)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
+from multiprocessing.connection import Connection
+from typing import Any
 
 import apns_fixtures
 from apns_fixtures import SimulatorFactory, token
 
+from relay import metrics
 from relay.apns import ApnsClient, Verdict
 from relay.apns.client import TRANSPORT_RESENDS
 from relay.apns.processes import LOST, ApnsProcessPool, open_client
@@ -121,3 +126,60 @@ def test_close_answers_what_is_still_unanswered(simulator_factory: SimulatorFact
     assert (result.status, result.reason) == (None, "Closed")
     after = pool.send(token(4), str(uuid.uuid4())).result(WAIT)
     assert (after.status, after.reason) == (None, "Closed")
+
+
+class _ThreadProcess:
+    """A 'child process' that is a thread of this process: its client would count into
+    the same metrics registry as the pool, so a count in the child would show twice."""
+
+    def __init__(self, target: Any, args: tuple[Any, ...], name: str, daemon: bool) -> None:
+        # The child's end of the pipe, duplicated as a process would inherit it: the pool
+        # closes its own copy once the child is started.
+        conn, *rest = args
+        args = (Connection(os.dup(conn.fileno())), *rest)
+        self._thread = threading.Thread(target=target, args=args, name=name, daemon=daemon)
+        self.pid, self.exitcode = os.getpid(), None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.exitcode = 0
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def kill(self) -> None:
+        raise AssertionError("a thread cannot be killed")
+
+
+class _ThreadContext:
+    def Pipe(self) -> tuple[Connection, Connection]:
+        return multiprocessing.Pipe()
+
+    Process = _ThreadProcess
+
+
+def test_with_processes_each_send_is_counted_once(simulator_factory: SimulatorFactory) -> None:
+    simulator, config = simulator_factory()
+    simulator.script(token(1), [ScriptedOutcome(410, "Unregistered")])
+
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    delivered = sample("relay_apns_sends_total", {"status": "200", "reason": ""})
+    unregistered = sample("relay_apns_sends_total", {"status": "410", "reason": "Unregistered"})
+    pool = ApnsProcessPool(config, expiration=3600, processes=2)
+    pool._context = _ThreadContext()  # type: ignore[assignment]
+    pool.start()
+    try:
+        futures = [pool.send(token(n), str(uuid.uuid4())) for n in range(50)]
+        assert all(future.result(WAIT).status in (200, 410) for future in futures)
+    finally:
+        pool.close()
+    assert sample("relay_apns_sends_total", {"status": "200", "reason": ""}) == delivered + 49
+    assert sample("relay_apns_sends_total",
+                  {"status": "410", "reason": "Unregistered"}) == unregistered + 1
+    assert sample("relay_apns_sends_in_flight") == 0

@@ -121,11 +121,12 @@ def test_an_unreachable_database_is_not_a_failed_audit(
         caplog: pytest.LogCaptureFixture) -> None:
     """Exit 1 tells an auditor the log is wrong; a database out of reach must not say so."""
     from relay import environment
+    from relay.__main__ import run_command
     from relay.config import load_config
-    from relay.supervisor import EXIT_UNAVAILABLE, run_command
+    from relay.exits import ExitStatus
 
     config = tmp_path / "relay.yaml"
     config.write_text("database:\n  dsn: 'postgresql://relay@127.0.0.1:9/nowhere'\n")
     monkeypatch.setattr(environment, "DATABASE_WAIT", 0.5)
-    assert run_command("audit", load_config(str(config)), ["--verify"]) == EXIT_UNAVAILABLE
+    assert run_command("audit", load_config(str(config)), ["--verify"]) == ExitStatus.UNAVAILABLE
     assert "cannot reach the database" in caplog.text

@@ -12,7 +12,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from relay.database import EmbeddedPostgres, RetryPauses, apply_migrations, migrations
+from relay.database import (
+    EmbeddedPostgres,
+    RetryPauses,
+    apply_migrations,
+    first_line,
+    is_transient,
+    migrations,
+)
 
 
 def test_migrations_are_numbered_and_shipped() -> None:
@@ -73,3 +80,29 @@ def test_retry_pauses_jitter_from_400_ms_up_to_30_s_and_start_over_after_a_succe
     assert len(set(below_cap)) == len(below_cap) > 2  # ...each drawn afresh
     pauses.reset()
     assert pauses.next() == 0.4
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+    (psycopg.InterfaceError("the connection is closed"), True),
+    (psycopg.errors.ConnectionFailure("08006"), True),
+    (psycopg.errors.SerializationFailure("40001"), True),
+    (psycopg.errors.DeadlockDetected("40P01"), True),
+    (psycopg.errors.DiskFull("53100"), True),
+    (psycopg.errors.AdminShutdown("57P01"), True),
+    (psycopg.errors.UndefinedTable("42P01: a programming error"), False),
+    (psycopg.errors.InsufficientPrivilege("42501"), False),
+    (psycopg.errors.SyntaxError("42601"), False),
+    (psycopg.errors.UniqueViolation("23505"), False),
+    (psycopg.errors.RaiseException("P0001: the log's guard refused"), False),
+    (ValueError("not a database error"), False),
+])
+def test_one_classification_retries_outages_and_reports_everything_else(
+        error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient
+
+
+def test_a_database_error_is_logged_by_its_first_line() -> None:
+    assert first_line(psycopg.OperationalError("connection refused\n\tIs the server "
+                                               "running?")) == "connection refused"
+    assert first_line(psycopg.InterfaceError()) == "InterfaceError"

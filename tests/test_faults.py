@@ -37,9 +37,8 @@ from relay.apns import Verdict
 from relay.apns.client import parse_error_body
 from relay.apns.connection import Http2Connection
 from relay.apns.processes import ApnsProcessPool
-from relay.simulator import ScriptedOutcome
-from relay.supervisor import (
-    EXIT_FAILURE,
+from relay.exits import ExitStatus
+from relay.runlock import (
     RUN_LOCK_CHECK,
     RUN_LOCK_KEY,
     RUN_LOCK_SESSION,
@@ -47,6 +46,7 @@ from relay.supervisor import (
     _take_run_lock,
     run_lock,
 )
+from relay.simulator import ScriptedOutcome
 
 WAIT = 30.0
 
@@ -255,7 +255,7 @@ def test_a_crash_looping_sender_process_ends_the_relay_by_the_restart_budget(
                 while pool.alive() and not running.status.done():
                     time.sleep(0.01)
             time.sleep(0.01)
-        assert running.status.result(WAIT) == EXIT_FAILURE
+        assert running.status.result(WAIT) == ExitStatus.FAILURE
         assert kills == test_supervisor.FAST.max_restarts + 1
         [critical] = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
         assert "an APNs sender process" in critical and "exit code -9" in critical

@@ -320,3 +320,27 @@ def test_stopping_fails_the_requests_still_waiting_for_a_read(
     registry.stop(timeout=WAIT)
     with pytest.raises(RuntimeError, match="stopped before reading"):
         waiting.result(WAIT)
+
+
+class RefusingReader(LogReader):
+    """A LogReader whose registration query the database refuses (a bug, not an outage)."""
+
+    def registration(self, token: str) -> tuple[bool, int | None]:
+        self._query("SELECT active FROM no_such_table WHERE token = %s", (token,))
+        raise AssertionError("the query above is refused")
+
+
+def test_a_read_the_database_refuses_fails_its_requests_instead_of_retrying_forever(
+        dsn: str, journal: Journal, caplog: pytest.LogCaptureFixture) -> None:
+    reader = RefusingReader(dsn)
+    try:
+        registry = _start(journal, reader, Clock(T))
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            registry.unregister(TOKEN).result(WAIT)
+        assert "the database refused the query" in caplog.text
+        assert "retrying in" not in caplog.text
+        with pytest.raises(psycopg.errors.UndefinedTable):  # the next request reads again
+            registry.unregister(TOKEN).result(WAIT)
+        registry.stop()
+    finally:
+        reader.close()

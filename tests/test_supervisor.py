@@ -28,18 +28,10 @@ from actors.sender import SenderShard
 from events import types as ev
 from events.journal import Journal
 from relay.config import ApnsConfig, Config, DatabaseConfig, HttpConfig, WakeupConfig
+from relay.exits import ExitStatus
+from relay.runlock import RUN_LOCK_CHECK, RUN_LOCK_KEY, run_lock
 from relay.simulator import ApnsSimulator
-from relay.supervisor import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    RUN_LOCK_CHECK,
-    RUN_LOCK_KEY,
-    RestartBudget,
-    RestartPolicy,
-    Supervisor,
-    run_lock,
-    running_parts,
-)
+from relay.supervisor import RestartBudget, RestartPolicy, Supervisor
 
 simulator_factory = apns_fixtures.simulator_factory
 
@@ -79,8 +71,9 @@ class Supervise:
         config = Config(database=DatabaseConfig(dsn=self.dsn, data_dir=self.data_dir),
                         http=HttpConfig(listen=("127.0.0.1", 0)), apns=self.apns,
                         wakeup=WakeupConfig(**settings))
-        parts = self._parts.enter_context(running_parts(config, self.dsn))
-        return Running(Supervisor(config, self.dsn, parts, policy))
+        supervisor = Supervisor(config, self.dsn, policy)
+        self._parts.enter_context(supervisor.running(serve=True))
+        return Running(supervisor)
 
     def close(self) -> None:
         self._parts.close()
@@ -142,7 +135,7 @@ def test_a_crashed_registry_is_restarted_after_a_back_off(
     registry.register(token(2)).result(WAIT)
 
     assert restarted - crashes[0] >= FAST.backoff
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
     registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
     assert registered == [token(2)]
     assert any("the Registry crashed; restarting it in" in r.getMessage() for r in caplog.records)
@@ -172,7 +165,7 @@ def test_a_crashed_journal_writer_is_restarted_and_health_says_so_meanwhile(
     with pytest.raises(Exception, match="injected Journal bug"):
         lost.result(WAIT)
     assert running.supervisor.database_available()
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
     registered = [d["token"] for kind, d in read_events(dsn) if kind == ev.DEVICE_REGISTERED]
     assert registered == [token(2)]
     assert any("the Journal's writer crashed; restarting it in" in r.getMessage()
@@ -190,7 +183,7 @@ def test_crashes_faster_than_the_policy_allows_end_the_process_with_status_1(
             registry.unregister(token(len(crashes) + 1))
         time.sleep(0.02)
         assert len(crashes) <= FAST.max_restarts + 1
-    assert running.status.result(WAIT) == EXIT_FAILURE
+    assert running.status.result(WAIT) == ExitStatus.FAILURE
     assert len(crashes) == FAST.max_restarts + 1
     assert running.supervisor.stopping.is_set() and not running.supervisor.worker_alive()
     assert any(r.levelno == logging.CRITICAL and "exiting so that the service manager"
@@ -215,7 +208,7 @@ def test_a_crashed_run_is_resumed_after_a_back_off_and_finishes(
     monkeypatch.setattr(SenderShard, "on_receive", crash_once)
     running = supervise()
     _until(lambda: any(kind == ev.RUN_FINISHED for kind, _ in read_events(dsn)), "the run's end")
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
 
     events = read_events(dsn)
     assert crashed.is_set()
@@ -239,7 +232,7 @@ def test_runs_follow_each_other_and_each_is_recorded_even_over_an_empty_registry
         running.supervisor.parts.registry.register(device).result(WAIT)
     _until(lambda: sum(1 for kind, _ in read_events(dsn) if kind == ev.RUN_FINISHED) >= 5,
            "runs over the tokens")
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
 
     events = read_events(dsn)
     marks = [(kind, d["run"]) for kind, d in events if kind in (ev.RUN_STARTED, ev.RUN_FINISHED)]
@@ -307,7 +300,7 @@ def test_a_lost_run_lock_stops_the_sends_until_the_lock_is_back_then_the_run_res
     assert killed == [(True,)]
     assert competitor_done.wait(WAIT)
     _until(lambda: any(kind == ev.RUN_FINISHED for kind, _ in read_events(dsn)), "the run's end")
-    assert running.finish() == EXIT_OK
+    assert running.finish() == ExitStatus.OK
 
     quiet_from = held[0] + RUN_LOCK_CHECK + 0.2  # noticed by then, and drained
     sent_meanwhile = [r for r in supervise.simulator.requests

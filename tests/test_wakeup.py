@@ -17,7 +17,7 @@ import pykka
 import pytest
 from psycopg import conninfo
 
-from actors.dispatcher import Progress
+from actors.pace import Progress
 from actors.registry import RegistryHandle
 from actors.wakeup import ProgressLogger, RunResult, WakeupRunner
 from events import types as ev

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from relay.apns.client import ApnsClient, ApnsResult
+from relay.apns.client import ApnsClient
 from relay.apns.reasons import Verdict, classify
+from relay.apns.results import ApnsResult
 
 __all__ = ["ApnsClient", "ApnsResult", "Verdict", "classify"]

@@ -23,12 +23,10 @@ import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from hpack import NeverIndexedHeaderTuple
 
-from relay import metrics
 from relay.apns.connection import (
     ConnectionOwner,
     Header,
@@ -43,7 +41,13 @@ from relay.apns.jwt import (
     load_signing_key,
     shared_provider_token,
 )
-from relay.apns.reasons import Verdict, classify
+from relay.apns.results import (
+    ApnsResult,
+    PrometheusListener,
+    SendListener,
+    result_of,
+    settle,
+)
 from relay.config import ApnsConfig
 from relay.tokens import redact
 
@@ -65,20 +69,6 @@ METRICS_INTERVAL = 5.0
 TRANSPORT_RESENDS = 3
 # A 410 timestamp past this (ms since the epoch: the end of year 9999) is not a date.
 LATEST_TIMESTAMP_MS = 253_402_300_799_999
-
-
-@dataclass(frozen=True)
-class ApnsResult:
-    """APNs' answer to one notification, or why there was none (`status` None)."""
-
-    token: str
-    apns_id: str
-    status: int | None
-    reason: str | None
-    verdict: Verdict
-    timestamp_ms: int | None  # 410 only: when APNs saw the token die, ms since the epoch
-    latency: float  # seconds from send() to this result
-    received_at_ms: int
 
 
 def reconnect_delay(failures: int, rng: random.Random) -> float:
@@ -178,7 +168,8 @@ class ApnsClient(ConnectionOwner):
     """Sends background notifications; thread-safe; see the module docstring."""
 
     def __init__(self, config: ApnsConfig, *, expiration: float, clock: Clock = time.time,
-                 provider: ProviderToken | None = None) -> None:
+                 provider: ProviderToken | None = None,
+                 listener: SendListener | None = None) -> None:
         if config.topic is None:
             raise ValueError("apns.topic is required to send notifications")
         url = urlsplit(config.url)
@@ -213,7 +204,9 @@ class ApnsClient(ConnectionOwner):
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._slots = [_Slot(i) for i in range(config.connections)]
         self._draining: set[Http2Connection] = set()
-        self._counters: dict[tuple[int | None, str | None], object] = {}
+        # Hears of every send and connection: the relay's metrics, unless given another
+        # (a child process's client is silent: its parent counts; relay.apns.results).
+        self._listener: SendListener = listener or PrometheusListener()
         self._bearer: tuple[str, Header] = ("", (b"", b""))  # the JWT and its header
         self._request_line: tuple[Header, ...] = (
             (b":method", b"POST"), (b":scheme", b"https"), (b":authority", self._authority))
@@ -296,7 +289,7 @@ class ApnsClient(ConnectionOwner):
     def _shutdown(self) -> None:
         for conn in self._connections():
             in_flight = conn.take_all()
-            metrics.SENDS_IN_FLIGHT.dec(len(in_flight))
+            self._listener.in_flight(-len(in_flight))
             for request in in_flight:
                 self._finish(request, None, "Closed")
             conn.abort()
@@ -366,7 +359,7 @@ class ApnsClient(ConnectionOwner):
             self._pending.appendleft(request)
             conn.abort()
             return False
-        metrics.SENDS_IN_FLIGHT.inc()
+        self._listener.in_flight(1)
         if conn.retired:  # out of stream ids: its slot goes to a new connection
             self._loop.call_soon(self.draining, conn)
             return False
@@ -414,7 +407,7 @@ class ApnsClient(ConnectionOwner):
             return
         slot.conn = conn
         self.last_connect_error = None
-        metrics.APNS_CONNECTIONS.inc()
+        self._listener.connections(1)
         log.info("APNs connection %s open", label)
         self._dispatch()
 
@@ -450,7 +443,7 @@ class ApnsClient(ConnectionOwner):
 
     def answered(self, conn: Http2Connection, request: PendingRequest, status: int,
                  body: bytes) -> None:
-        metrics.SENDS_IN_FLIGHT.dec()
+        self._listener.in_flight(-1)
         if status == 200:
             self._finish(request, 200, None)
             return
@@ -495,14 +488,14 @@ class ApnsClient(ConnectionOwner):
         return True
 
     def requeue(self, requests: list[PendingRequest]) -> None:
-        metrics.SENDS_IN_FLIGHT.dec(len(requests))
+        self._listener.in_flight(-len(requests))
         self._pending.extendleft(reversed([r for r in requests if not r.done]))
         self._dispatch()
 
     def lost(self, requests: list[PendingRequest], reason: str) -> None:
         """The connection or the stream died under these requests: send them again on
         another connection (TRANSPORT_RESENDS times at most, within their deadline)."""
-        metrics.SENDS_IN_FLIGHT.dec(len(requests))
+        self._listener.in_flight(-len(requests))
         again = []
         for request in requests:
             if request.done:
@@ -541,7 +534,7 @@ class ApnsClient(ConnectionOwner):
                 if not conn.answered_any and not self._closed:
                     self._failed(slot, "connection closed before any answer")
         if known:
-            metrics.APNS_CONNECTIONS.dec()
+            self._listener.connections(-1)
             log.info("APNs connection %s closed", conn.label)
         if not self._closed:
             self._dispatch()
@@ -555,22 +548,12 @@ class ApnsClient(ConnectionOwner):
         request.done = True
         if request.conn is not None:
             request.conn.cancel(request)
-            metrics.SENDS_IN_FLIGHT.dec()
-        counter = self._counters.get((status, reason))
-        if counter is None:
-            counter = metrics.SENDS.labels(status="none" if status is None else str(status),
-                                           reason=reason or "")
-            self._counters[(status, reason)] = counter
-        counter.inc()  # type: ignore[attr-defined]
-        result = ApnsResult(
-            token=request.token, apns_id=request.apns_id, status=status, reason=reason,
-            verdict=classify(status, reason), timestamp_ms=timestamp_ms,
-            latency=time.monotonic() - request.started,
-            received_at_ms=int(self._clock() * 1000),
-        )
+            self._listener.in_flight(-1)
+        result = result_of(request.token, request.apns_id, started=request.started,
+                           status=status, reason=reason, timestamp_ms=timestamp_ms,
+                           received_at_ms=int(self._clock() * 1000))
         future, request.future = request.future, None
-        if future.set_running_or_notify_cancel():  # False: the caller cancelled it
-            future.set_result(result)
+        settle(future, result, self._listener)
 
     def _arm_deadlines(self) -> None:
         deadlines = self._deadlines
@@ -597,7 +580,7 @@ class ApnsClient(ConnectionOwner):
 
     def _update_metrics(self) -> None:
         if self._provider is not None:
-            metrics.JWT_AGE.set(self._provider.age())
+            self._listener.provider_token_age(self._provider.age())
         self._loop.call_later(METRICS_INTERVAL, self._update_metrics)
 
 

@@ -38,9 +38,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from relay import metrics
-from relay.apns.client import TRANSPORT_RESENDS, ApnsClient, ApnsResult
-from relay.apns.reasons import classify
+from relay.apns.client import TRANSPORT_RESENDS, ApnsClient
+from relay.apns.results import (
+    ApnsResult,
+    PrometheusListener,
+    SilentListener,
+    result_of,
+    settle,
+)
 from relay.config import ApnsConfig
 
 log = logging.getLogger(__name__)
@@ -104,7 +109,7 @@ class ApnsProcessPool:
         self._lock = threading.Lock()  # pending, outgoing, and the writer's wake-up
         self._wake = threading.Condition(self._lock)
         self._closing = False
-        self._counters: dict[tuple[int | None, str | None], Any] = {}
+        self._listener = PrometheusListener()  # the children's sends are counted here
         self._context = multiprocessing.get_context("spawn")
         self._writer = threading.Thread(target=self._write, name="apns-pool-writer",
                                         daemon=True)
@@ -157,7 +162,7 @@ class ApnsProcessPool:
         with self._lock:
             if not self._closing:
                 self._assign(pending)
-                metrics.SENDS_IN_FLIGHT.inc()
+                self._listener.in_flight(1)
                 return future
         self._resolve(pending, (0, None, "Closed", None, _now_ms()))
         return future
@@ -195,7 +200,7 @@ class ApnsProcessPool:
             self._fail_pending(child, "Closed")
         with self._lock:
             waiting, self._waiting = self._waiting, []
-        metrics.SENDS_IN_FLIGHT.dec(len(waiting))
+        self._listener.in_flight(-len(waiting))
         for pending in waiting:
             self._resolve(pending, (0, None, "Closed", None, _now_ms()))
 
@@ -236,7 +241,7 @@ class ApnsProcessPool:
                     taken = [(child.pending.pop(a[0], None), a) for a in answers]
                 for pending, answer in taken:
                     if pending is not None:
-                        metrics.SENDS_IN_FLIGHT.dec()
+                        self._listener.in_flight(-1)
                         self._resolve(pending, answer)
         except (EOFError, OSError):
             pass
@@ -265,7 +270,7 @@ class ApnsProcessPool:
                     lost.append(request)
         log.error("APNs sender process %d died (exit code %s) with %d sends unanswered; "
                   "they go to another process", child.index, child.exit_code, len(pending))
-        metrics.SENDS_IN_FLIGHT.dec(len(lost))
+        self._listener.in_flight(-len(lost))
         for request in lost:
             self._resolve(request, (0, None, LOST, None, _now_ms()))
 
@@ -273,24 +278,16 @@ class ApnsProcessPool:
         with self._lock:
             child.alive = False
             pending, child.pending, child.outgoing = child.pending, {}, []
-        metrics.SENDS_IN_FLIGHT.dec(len(pending))
+        self._listener.in_flight(-len(pending))
         for request in pending.values():
             self._resolve(request, (0, None, reason, None, _now_ms()))
 
     def _resolve(self, pending: _Pending, answer: Answer) -> None:
         _, status, reason, timestamp_ms, received_at_ms = answer
-        counter = self._counters.get((status, reason))
-        if counter is None:
-            counter = metrics.SENDS.labels(status="none" if status is None else str(status),
-                                           reason=reason or "")
-            self._counters[(status, reason)] = counter
-        counter.inc()
-        result = ApnsResult(
-            token=pending.token, apns_id=pending.apns_id, status=status, reason=reason,
-            verdict=classify(status, reason), timestamp_ms=timestamp_ms,
-            latency=time.monotonic() - pending.started, received_at_ms=received_at_ms)
-        if pending.future.set_running_or_notify_cancel():
-            pending.future.set_result(result)
+        result = result_of(pending.token, pending.apns_id, started=pending.started,
+                           status=status, reason=reason, timestamp_ms=timestamp_ms,
+                           received_at_ms=received_at_ms)
+        settle(pending.future, result, self._listener)
 
 
 def _now_ms() -> int:
@@ -301,7 +298,8 @@ def _now_ms() -> int:
 
 def serve(conn: Connection, config: ApnsConfig, expiration: float) -> None:
     """A child's life: send what the parent asks, answer in bursts, exit with the parent."""
-    client = ApnsClient(config, expiration=expiration)
+    # Silent: this process's metrics are never served; the parent counts each send.
+    client = ApnsClient(config, expiration=expiration, listener=SilentListener())
     client.start()
     answers: list[Answer] = []
     wake = threading.Condition()

@@ -19,10 +19,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from relay.config import parse_duration, parse_listen
+from relay.exits import ExitStatus
 from relay.simulator.credentials import load_public_key, random_apple_id, write_signing_key
 from relay.simulator.server import Action, ApnsSimulator, ScriptedOutcome
-
-EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,7 +133,7 @@ def main(argv: Sequence[str]) -> int:
         simulator.start()
     except OSError as exc:
         print(f"simulator: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     print(f"APNs simulator listening on {simulator.url}", flush=True)
     print("# relay configuration to reach it:")
     print("apns:")
@@ -151,7 +150,7 @@ def main(argv: Sequence[str]) -> int:
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     simulator.stop()
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 def spawn(options: Sequence[str], *, cwd: Path | None = None,
