@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -33,6 +33,7 @@ import pykka
 from actors.alarm import Alarm
 from actors.breaker import CircuitBreaker
 from actors.delivery import DeliveryPolicy
+from actors.messages import on_done, tell_quietly
 from actors.pace import ProgressCallback, RunPace, RunResult, counts
 from actors.registry import RegistryHandle
 from actors.sender import (
@@ -76,7 +77,10 @@ class _Wake:
 
 
 @dataclass(frozen=True)
-class _Committed:
+class _RunEventCommitted:
+    """The run's own event (run_started, relay_halted or run_finished) is committed, or
+    its append failed (`error`)."""
+
     what: str  # "started", "halted" or "finished"
     error: BaseException | None = None
 
@@ -95,7 +99,7 @@ class Dispatcher(pykka.ThreadingActor):
         self._policy = DeliveryPolicy(config.attempts, DecorrelatedJitter(
             config.backoff_base, config.backoff_max, config.backoff_factor, rng))
         self._pace = RunPace(config.max_in_flight, CircuitBreaker(config.breaker_pause))
-        self._alarm = Alarm(lambda: _tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
+        self._alarm = Alarm(lambda: tell_quietly(self.actor_ref, _Wake()), "dispatcher-alarm")
         self._shards: list[pykka.ActorRef[SenderShard]] = []
 
         self._base = RunResult(run=None, finished=False)  # the counts live in `_pace`
@@ -162,12 +166,14 @@ class Dispatcher(pykka.ThreadingActor):
             self._result = replace(self._result, stopped=True)
         elif isinstance(message, _Begin):
             self._begin()
-        elif isinstance(message, _Committed):
+        elif isinstance(message, _RunEventCommitted):
             self._committed(message)
             return None
-        elif (isinstance(message, _Wake) and not self._started
-              and self._db_retry_at is not None):
-            self._begin()
+        elif isinstance(message, _Wake):
+            if not self._started and self._db_retry_at is not None:
+                self._begin()
+        else:
+            return super().on_receive(message)  # logged as unexpected
         self._feed()
         return None
 
@@ -223,7 +229,7 @@ class Dispatcher(pykka.ThreadingActor):
         ]
         self._report_progress()
 
-    def _committed(self, message: _Committed) -> None:
+    def _committed(self, message: _RunEventCommitted) -> None:
         if message.error is not None:
             self._fail(message.error)
             return
@@ -331,12 +337,9 @@ class Dispatcher(pykka.ThreadingActor):
 
     def _append(self, events: list[ev.Event], what: str) -> None:
         ref = self.actor_ref
-
-        def committed(future: Future[list[int]]) -> None:
-            error = CancelledError() if future.cancelled() else future.exception()
-            _tell_quietly(ref, _Committed(what, error))
-
-        self._journal.append(events).add_done_callback(committed)
+        on_done(self._journal.append(events),
+                lambda _: tell_quietly(ref, _RunEventCommitted(what)),
+                lambda error: tell_quietly(ref, _RunEventCommitted(what, error)))
 
     def _fail(self, error: BaseException) -> None:
         log.error("wakeup run %s failed: %r", self._result.run, error,
@@ -352,7 +355,3 @@ class Dispatcher(pykka.ThreadingActor):
         self._progress_cb(self._pace.progress(run, self._base.tokens,
                                               time.monotonic() - self._t0))
 
-
-def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
-    with contextlib.suppress(pykka.ActorDeadError):
-        ref.tell(message)

@@ -122,8 +122,8 @@ class RunPace:
         self.taken = 0  # tokens taken from the pages in this process
         self.stopping = False  # no more credits: a stop or a halt
         # The counters change with every token: plain ints, folded into a RunResult only
-        # when one is asked for (dataclasses.replace per token was a third of the
-        # Dispatcher's time).
+        # when one is asked for (a dataclasses.replace per token was a large share of the
+        # Dispatcher's time: BENCHMARKS.md, "Figures behind choices in the code").
         self.sends = 0  # answered sends in this process
         self.delivered = self.failed = self.abandoned = 0
         self.dead = self.unregistered = self.kept = 0

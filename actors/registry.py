@@ -37,7 +37,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Container
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -45,6 +45,7 @@ import psycopg
 import pykka
 
 from actors.delivery import DeadVerdict
+from actors.messages import failure, on_done, tell_quietly
 from actors.replies import ReplyBook
 from events import types as ev
 from events.journal import Journal
@@ -141,7 +142,7 @@ class _RefreshGauge:
     pass
 
 
-class _Pending(NamedTuple):
+class _Unsettled(NamedTuple):
     """Our latest event for a token, until the Journal settles it."""
 
     active: bool
@@ -157,7 +158,7 @@ class _Overlay:
     def __init__(self, journal: Journal) -> None:
         self.lock = threading.RLock()  # the actor hands a verdict on while holding it
         self._journal = journal
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Unsettled] = {}
         self.seq = 0  # appends so far: a read remembers it to spot later appends
         self.changed = False  # appended since the gauge was last counted
 
@@ -165,16 +166,16 @@ class _Overlay:
         """Append the event of `state` (hold `lock`)."""
         commit = self._journal.append([event])
         self.seq += 1
-        self._pending[event.data["token"]] = _Pending(*state, commit, self.seq)
+        self._pending[event.data["token"]] = _Unsettled(*state, commit, self.seq)
         self.changed = True
         return commit
 
-    def live(self, token: str) -> _Pending | None:
+    def live(self, token: str) -> _Unsettled | None:
         """The token's entry while its commit is unsettled (hold `lock`)."""
         pending = self._pending.get(token)
         return pending if pending is not None and not pending.commit.done() else None
 
-    def since(self, token: str, seq: int) -> _Pending | None:
+    def since(self, token: str, seq: int) -> _Unsettled | None:
         """The token's entry if appended after `seq`, settled or not (hold `lock`)."""
         pending = self._pending.get(token)
         return pending if pending is not None and pending.seq > seq else None
@@ -251,7 +252,7 @@ class Registry(pykka.ThreadingActor):
             self._gauge_timer = None
             self._refresh_gauge()
         else:
-            log.warning("the registry ignores an unknown message: %r", message)
+            super().on_receive(message)  # logged as unexpected
 
     # --- requests ---
 
@@ -300,7 +301,7 @@ class Registry(pykka.ThreadingActor):
 
         def decided(future: Future[ev.Event | None]) -> None:
             _answer_dead(verdict, future, reply)
-            _tell_quietly(ref, _ReadAgain(verdict.token))
+            tell_quietly(ref, _ReadAgain(verdict.token))
 
         with self._overlay.lock:
             self._waiting[verdict.token] = (self._overlay.seq, [])
@@ -332,9 +333,9 @@ class Registry(pykka.ThreadingActor):
             try:
                 state = reader.registration(token)
             except psycopg.Error as exc:
-                _tell_quietly(ref, _ReadDone(token, None, exc))
+                tell_quietly(ref, _ReadDone(token, None, exc))
             else:
-                _tell_quietly(ref, _ReadDone(token, state))
+                tell_quietly(ref, _ReadDone(token, state))
 
         with contextlib.suppress(RuntimeError):  # shut down: the actor is stopping
             self._reads.submit(read)
@@ -405,35 +406,27 @@ class Registry(pykka.ThreadingActor):
 
     def _timer(self, delay: float, message: object) -> threading.Timer:
         ref = self.actor_ref
-        timer = threading.Timer(delay, lambda: _tell_quietly(ref, message))
+        timer = threading.Timer(delay, lambda: tell_quietly(ref, message))
         timer.daemon = True
         timer.start()
         return timer
 
 
-def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
-    with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
-        ref.tell(message)
-
 
 def _chain(source: Future[Any], target: Future[None], on_success: Callable[[], None]) -> None:
     """Resolve `target` when `source` does (same error), running `on_success` first."""
 
-    def forward(done: Future[Any]) -> None:
-        error = CancelledError() if done.cancelled() else done.exception()
-        if error is not None:
-            target.set_exception(error)
-            return
+    def succeeded(_: Any) -> None:
         on_success()
         target.set_result(None)
 
-    source.add_done_callback(forward)
+    on_done(source, succeeded, target.set_exception)
 
 
 def _answer_dead(verdict: DeadVerdict, decided: Future[ev.Event | None],
                  reply: Future[str | None]) -> None:
     """Log and count what the Journal decided, then answer with the event's type."""
-    error = CancelledError() if decided.cancelled() else decided.exception()
+    error = failure(decided)
     if error is not None:
         reply.set_exception(error)
         return

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 import zlib
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -36,6 +36,7 @@ import pykka
 
 from actors.alarm import Alarm
 from actors.delivery import Decision, Delivery, DeliveryPolicy, HaltInfo, Outcome
+from actors.messages import failure, on_done, tell_quietly
 from actors.registry import RegistryHandle
 from events import types as ev
 from events.journal import Journal
@@ -164,8 +165,8 @@ class SenderShard(pykka.ThreadingActor):
         self._unrecorded: list[_Outcome] = []  # decided, to be appended at the next _Flush
         self._outbox: list[TokenDone | CreditWanted | HaltReported] = []
         # Answers arrive on the APNs client's thread; they queue here and only the first
-        # of a burst costs an actor message (a pykka message per answer was a third of
-        # the shard's time).
+        # of a burst costs an actor message (a pykka message per answer was a large share
+        # of the shard's time: BENCHMARKS.md, "Figures behind choices in the code").
         self._answers: list[tuple[str, ApnsResult]] = []
         self._answers_lock = threading.Lock()
         self._alarm = Alarm(self._wake, name=f"sender-{index}-alarm")
@@ -182,16 +183,16 @@ class SenderShard(pykka.ThreadingActor):
         """A shard bug must end the run loudly, not leave the Dispatcher waiting forever."""
         self._alarm.stop()
         if exception_value is not None:
-            _tell_quietly(self._dispatcher, ShardFault(exception_value))
+            tell_quietly(self._dispatcher, ShardFault(exception_value))
 
     def _wake(self) -> None:
-        _tell_quietly(self.actor_ref, _Tick())
+        tell_quietly(self.actor_ref, _Tick())
 
     def on_receive(self, message: Any) -> None:
         self._handle(message)
         if self._outbox:
             reports, self._outbox = tuple(self._outbox), []
-            _tell_quietly(self._dispatcher, Reports(reports))
+            tell_quietly(self._dispatcher, Reports(reports))
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Work):
@@ -212,6 +213,8 @@ class SenderShard(pykka.ThreadingActor):
                 self._act(outcome)
         elif isinstance(message, _Tick):
             self._ask_for_due()
+        else:
+            super().on_receive(message)  # logged as unexpected
 
     def _grant(self, token: str) -> None:
         delivery = self._deliveries.get(token)
@@ -237,20 +240,16 @@ class SenderShard(pykka.ThreadingActor):
         token = delivery.token
         sent = self._client.send(token, delivery.apns_id)
 
-        def answered(future: Future[ApnsResult]) -> None:
-            error = CancelledError() if future.cancelled() else future.exception()
-            result = future.result() if error is None else _client_failure(token, delivery, error)
-            self._take_answer(token, result)
-
-        sent.add_done_callback(answered)
+        on_done(sent, lambda result: self._take_answer(token, result),
+                lambda error: self._take_answer(token, _client_failure(token, delivery, error)))
 
     def _take_answer(self, token: str, result: ApnsResult) -> None:
         """On the client's thread: queue the answer; the first of a burst wakes the shard.
 
         On the client's event loop the wake-up waits for `call_soon`, i.e. until the loop
         has handled everything it read from the socket at once: one actor message and one
-        thread switch per read instead of per answer (waking the shard for every answer,
-        each wake-up a GIL hand-over, was a tenth of the relay's time). Anywhere else
+        thread switch per read instead of per answer (waking the shard for every answer
+        costs a GIL hand-over each; BENCHMARKS.md has what it cost). Anywhere else
         (a result given without the loop, a process pool's reader thread) it wakes at once.
         """
         with self._answers_lock:
@@ -266,7 +265,7 @@ class SenderShard(pykka.ThreadingActor):
             loop.call_soon(self._wake_for_answers)
 
     def _wake_for_answers(self) -> None:
-        _tell_quietly(self.actor_ref, _Answered())
+        tell_quietly(self.actor_ref, _Answered())
 
     def _answered(self, token: str, result: ApnsResult) -> None:
         delivery = self._deliveries[token]
@@ -290,16 +289,9 @@ class SenderShard(pykka.ThreadingActor):
         if not outcomes:
             return
         ref, dispatcher = self.actor_ref, self._dispatcher
-        appended = self._journal.append([e for o in outcomes for e in o.decision.events])
-
-        def committed(future: Future[list[int]]) -> None:
-            error = CancelledError() if future.cancelled() else future.exception()
-            if error is not None:
-                _tell_quietly(dispatcher, ShardFault(error))
-                return
-            _tell_quietly(ref, _Recorded(outcomes))
-
-        appended.add_done_callback(committed)
+        on_done(self._journal.append([e for o in outcomes for e in o.decision.events]),
+                lambda _: tell_quietly(ref, _Recorded(outcomes)),
+                lambda error: tell_quietly(dispatcher, ShardFault(error)))
 
     def _act(self, recorded: _Outcome) -> None:
         token, decision = recorded.token, recorded.decision
@@ -323,10 +315,10 @@ class SenderShard(pykka.ThreadingActor):
         dispatcher = self._dispatcher
 
         def decided(future: Future[str | None]) -> None:
-            kind = None if future.cancelled() or future.exception() else future.result()
+            kind = None if failure(future) else future.result()
             if kind is not None:
                 _outcome_label(_DECISION_LABELS[kind]).inc()
-            _tell_quietly(dispatcher, replace(done, dead_decision=kind))
+            tell_quietly(dispatcher, replace(done, dead_decision=kind))
 
         self._registry.dead_token(decision.dead).add_done_callback(decided)
 
@@ -374,9 +366,3 @@ def _client_failure(token: str, delivery: Delivery, error: BaseException) -> Apn
                       reason=f"ClientError: {error!r}"[:200], verdict=Verdict.RELAY_BUG,
                       timestamp_ms=None, latency=0.0, received_at_ms=ev.now_ms())
 
-
-def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        log.debug("dropped %s: its actor has stopped", type(message).__name__)

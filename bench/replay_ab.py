@@ -4,7 +4,7 @@
                               [--events 200000] [--rounds 6]
 
 Seeds one scratch database with `bench.replay.realistic_log` (this checkout's format,
-schema and writer), vacuums and checkpoints it, then times `events.audit.replay(conn,
+schema and writer), vacuums and checkpoints it, then times `events.replay.replay(conn,
 verify=True)` in a fresh process of each checkout in turn (PYTHONPATH and working
 directory set to it), `--rounds` times, so that both see the same machine load. Prints
 every time, the minimum and the median, and after/before ratios. Both checkouts must be
@@ -25,12 +25,15 @@ from events.journal import append_bulk
 
 TIMED = (
     "import sys, time\n"
-    "from events import audit\n"
+    "try:\n"
+    "    from events.replay import read_only_snapshot, replay\n"
+    "except ImportError:  # a checkout from before events/replay.py\n"
+    "    from events.audit import _read_only_snapshot as read_only_snapshot, replay\n"
     "from relay.database import connect\n"
     "with connect(sys.argv[1]) as conn:\n"
-    "    audit._read_only_snapshot(conn)\n"
+    "    read_only_snapshot(conn)\n"
     "    start = time.perf_counter()\n"
-    "    result = audit.replay(conn, verify=True)\n"
+    "    result = replay(conn, verify=True)\n"
     "    print(time.perf_counter() - start, result.chain_problem_count)\n"
 )
 

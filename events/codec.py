@@ -39,8 +39,8 @@ RESERVED_KEYS = frozenset({"position", "type"})
 _encoder = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
-# The C encoder `_encoder.encode` builds afresh on every call, built once: a third of
-# the cost of encoding a small event, paid by every appender. Same output; without
+# The C encoder `_encoder.encode` builds afresh on every call, built once: building it is
+# a large share of encoding a small event, paid by every appender. Same output; without
 # circular-reference markers (event data is flat; a cycle ends in RecursionError).
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 _c_encode = _c_make_encoder and _c_make_encoder(

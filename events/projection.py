@@ -115,7 +115,7 @@ class State:
     A device's registration columns and its delivery columns are kept apart, because
     every rule but one sets whole parts from the event alone: a delivery outcome never
     needs the old row, and the audit folds millions of them (reading and rebuilding
-    whole rows cost a third of the fold). The one exception, device_unregistered, keeps
+    whole rows was a large share of the fold). The one exception, device_unregistered, keeps
     registered_at_ms. `devices` joins the parts into rows.
 
     `patch=True` folds a slice of the log with no knowledge of what came before: what
@@ -353,8 +353,8 @@ def prepare(conn: psycopg.Connection[Any]) -> None:
     """Per connection, before the first `BatchPatch.copy`: the session's patch table, and
     joins by index only. A batch touches at most a few thousand of possibly millions of
     devices; without statistics on the patch table the planner may hash the whole
-    devices table for every batch instead (measured: 30-80 ms per batch at 30k devices,
-    against 5 ms probing the primary key)."""
+    devices table for every batch instead, many times slower than probing the primary
+    key (BENCHMARKS.md, "Figures behind choices in the code")."""
     conn.execute(_CREATE_PATCH_TABLE)
     conn.execute("SET enable_hashjoin = off")
     conn.execute("SET enable_mergejoin = off")

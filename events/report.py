@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from events.audit import Replay, check_head, replay
+from events.replay import Replay, check_head, replay
 from events.report_data import NO_ANSWER, OUTCOMES, ReportData, collect
 from events.types import iso_ms
 from relay.database import connect

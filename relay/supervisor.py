@@ -93,14 +93,15 @@ def freeze_startup_heap() -> None:
     """Exempt what start-up built (modules, configuration, parts) from garbage collection.
 
     Nearly all of it lives as long as the process, yet every full collection would walk
-    it again with every thread paused: that pause was the API's p99 latency
-    (bench/api_registrations.py, p99 about 90 ms before, 45 ms after).
+    it again with every thread paused, and that pause set the API's p99 latency
+    (BENCHMARKS.md, "Figures behind choices in the code").
     """
     gc.collect()
     gc.freeze()
 
 
 def exit_status_of(result: RunResult) -> ExitStatus:
+    """HALTED after a halt (logged for the operator: what APNs said, what to check)."""
     if result.halted is not None:
         halt = result.halted
         log.critical("HALTED (%s): APNs answered %s %s: %s", halt.halt_class, halt.status,

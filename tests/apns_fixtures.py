@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from relay import metrics
 from relay.apns import ApnsClient
 from relay.config import ApnsConfig
 from relay.simulator import ApnsSimulator
@@ -84,3 +85,8 @@ def running_client(config: ApnsConfig, *, expiration: float = 3600.0,
         yield client
     finally:
         client.close()
+
+
+def metric_value(name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of the relay's metrics registry (0 when the series has none yet)."""
+    return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0

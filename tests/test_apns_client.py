@@ -14,9 +14,8 @@ from pathlib import Path
 
 import apns_fixtures
 import pytest
-from apns_fixtures import TOPIC, SimulatorFactory, running_client, token
+from apns_fixtures import TOPIC, SimulatorFactory, metric_value, running_client, token
 
-from relay import metrics
 from relay.apns import ApnsClient, ApnsResult, Verdict
 from relay.apns.client import (
     RECONNECT_BASE,
@@ -481,18 +480,16 @@ def test_metrics_are_updated(simulator_factory: SimulatorFactory) -> None:
     simulator, config = simulator_factory()
     simulator.script(token(1), [ScriptedOutcome(410, "Unregistered")])
 
-    def sample(name: str, labels: dict[str, str] | None = None) -> float:
-        return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
-
-    delivered = sample("relay_apns_sends_total", {"status": "200", "reason": ""})
-    unregistered = sample("relay_apns_sends_total", {"status": "410", "reason": "Unregistered"})
+    delivered = metric_value("relay_apns_sends_total", {"status": "200", "reason": ""})
+    unregistered = metric_value("relay_apns_sends_total",
+                                {"status": "410", "reason": "Unregistered"})
     with running_client(config) as client:
         send_all(client, [token(0), token(1)])
-        assert sample("relay_apns_connections") >= 1
-    assert sample("relay_apns_sends_total", {"status": "200", "reason": ""}) == delivered + 1
-    assert sample("relay_apns_sends_total",
+        assert metric_value("relay_apns_connections") >= 1
+    assert metric_value("relay_apns_sends_total", {"status": "200", "reason": ""}) == delivered + 1
+    assert metric_value("relay_apns_sends_total",
                   {"status": "410", "reason": "Unregistered"}) == unregistered + 1
-    assert sample("relay_apns_sends_in_flight") == 0
+    assert metric_value("relay_apns_sends_in_flight") == 0
 
 
 def test_send_is_thread_safe(simulator_factory: SimulatorFactory) -> None:

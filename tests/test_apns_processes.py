@@ -14,9 +14,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import apns_fixtures
-from apns_fixtures import SimulatorFactory, token
+from apns_fixtures import SimulatorFactory, metric_value, token
 
-from relay import metrics
 from relay.apns import ApnsClient, Verdict
 from relay.apns.client import TRANSPORT_RESENDS
 from relay.apns.processes import LOST, ApnsProcessPool, open_client
@@ -166,11 +165,9 @@ def test_with_processes_each_send_is_counted_once(simulator_factory: SimulatorFa
     simulator, config = simulator_factory()
     simulator.script(token(1), [ScriptedOutcome(410, "Unregistered")])
 
-    def sample(name: str, labels: dict[str, str] | None = None) -> float:
-        return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
-
-    delivered = sample("relay_apns_sends_total", {"status": "200", "reason": ""})
-    unregistered = sample("relay_apns_sends_total", {"status": "410", "reason": "Unregistered"})
+    delivered = metric_value("relay_apns_sends_total", {"status": "200", "reason": ""})
+    unregistered = metric_value("relay_apns_sends_total",
+                                {"status": "410", "reason": "Unregistered"})
     pool = ApnsProcessPool(config, expiration=3600, processes=2)
     pool._context = _ThreadContext()  # type: ignore[assignment]
     pool.start()
@@ -179,7 +176,7 @@ def test_with_processes_each_send_is_counted_once(simulator_factory: SimulatorFa
         assert all(future.result(WAIT).status in (200, 410) for future in futures)
     finally:
         pool.close()
-    assert sample("relay_apns_sends_total", {"status": "200", "reason": ""}) == delivered + 49
-    assert sample("relay_apns_sends_total",
+    assert metric_value("relay_apns_sends_total", {"status": "200", "reason": ""}) == delivered + 49
+    assert metric_value("relay_apns_sends_total",
                   {"status": "410", "reason": "Unregistered"}) == unregistered + 1
-    assert sample("relay_apns_sends_in_flight") == 0
+    assert metric_value("relay_apns_sends_in_flight") == 0

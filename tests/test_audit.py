@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from events import audit
+from events import replay as replay_engine
 from events import types as ev
 from events.audit import audit_main, rebuild_main
 from events.journal import Journal
@@ -104,7 +105,7 @@ def test_worker_processes_agree_with_one_process(log: str, capsys: pytest.Captur
                                                  until: int) -> None:
     """Slices of 4 events: --until stops in this process's slice (1-4) or in a worker's
     (5-8, 9-11); a token's history spans all three."""
-    monkeypatch.setattr(audit, "MIN_SLICE", 4)
+    monkeypatch.setattr(replay_engine, "MIN_SLICE", 4)
     for args in (["--until", ev.iso_ms(until), "--verify"], ["--token", B, "--verify"]):
         alone = audit_json(log, capsys, *args, "--jobs", "1")
         assert audit_json(log, capsys, *args, "--jobs", "3") == alone
@@ -121,7 +122,7 @@ def test_a_terminal_shows_a_progress_bar_that_reaches_the_end(
         log: str, monkeypatch: pytest.MonkeyPatch, jobs: str) -> None:
     """Events folded here and by worker processes all count (slices of 4 with --jobs 3)."""
     monkeypatch.setattr(audit, "PROGRESS_MIN_EVENTS", 1)
-    monkeypatch.setattr(audit, "MIN_SLICE", 4)
+    monkeypatch.setattr(replay_engine, "MIN_SLICE", 4)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setattr(sys, "stdout", io.StringIO())

@@ -9,7 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from events import audit, codec
+from events import codec
+from events import replay as replay_engine
 from events import types as ev
 from events.audit import audit_main
 from events.journal import Journal
@@ -165,13 +166,13 @@ def test_tampering_is_reported_at_that_row(log: str, admin_dsn: str, case: str,
     assert report["verified"] is False
     assert report["first_bad_position"] == bad, report["problems"]
     # The same verdict from worker processes each checking a slice of 5 events.
-    monkeypatch.setattr(audit, "MIN_SLICE", 5)
+    monkeypatch.setattr(replay_engine, "MIN_SLICE", 5)
     assert verify(log, capsys, "--jobs", "2") == (status, report)
 
 
 def test_worker_processes_replay_to_the_same_summary(
         log: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit, "MIN_SLICE", 2)
+    monkeypatch.setattr(replay_engine, "MIN_SLICE", 2)
     alone, together = verify(log, capsys, "--jobs", "1"), verify(log, capsys, "--jobs", "3")
     assert alone == together
     assert alone[0] == 0 and alone[1]["events"] == EVENTS

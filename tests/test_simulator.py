@@ -26,7 +26,7 @@ from relay.config import ApnsConfig
 from relay.simulator import ApnsSimulator, ScriptedOutcome, embedded_simulator
 from relay.simulator.cli import parse_outcomes, spawn
 from relay.simulator.credentials import Certificate, CertificateAuthority
-from relay.simulator.server import Action
+from relay.simulator.outcomes import Action
 from relay.simulator.validation import (
     CertificateIdentity,
     ConnectionAuth,

@@ -390,3 +390,20 @@ def test_connections_cut_mid_run_lose_nothing_and_the_run_finishes(
     assert result.finished and (result.tokens, result.delivered) == (600, 600)
     assert _finals(relay.events(), result.run) == Counter(tokens)
     assert relay.requests_per_token() == Counter(tokens)
+
+
+def test_a_read_the_database_refuses_fails_the_run_instead_of_retrying_forever(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage is waited out; a refused statement (here: a table that is not there) is
+    a bug, and retrying it would only hold the run forever: the run fails, and the
+    supervisor's restart budget decides."""
+    relay.register([token(1)])
+
+    def refused(self: LogReader, run: int, after: str, limit: int) -> list[Any]:
+        self._query("SELECT token FROM no_such_table WHERE token > %s", (after,))
+        raise AssertionError("the query above is refused")
+
+    monkeypatch.setattr(LogReader, "due_tokens", refused)
+    outcome = _run_in_thread(relay.runner())
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        outcome.result(WAIT)

@@ -50,9 +50,9 @@ from relay.apns.hpack_codec import HeaderDecoder, HeaderEncoder
 log = logging.getLogger("relay.apns")
 
 # Never keep more streams open on one connection than this, whatever the server allows.
-# ~100 in flight already keep a core busy at local round-trip times (256 measured no
-# faster), and Apple's observed limits (500-1500) only matter across long round trips,
-# which more `apns.connections` serve better.
+# A hundred or so in flight already keep a core busy at local round-trip times (more
+# measured no faster: BENCHMARKS.md), and Apple's higher limits only matter across long
+# round trips, which more `apns.connections` serve better.
 STREAM_CAP = 128
 
 # The highest stream id a client may open (RFC 9113 §5.1.1: ids never wrap). A connection

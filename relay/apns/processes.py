@@ -1,7 +1,7 @@
 """The APNs client in child processes: `ApnsClient`'s interface, more than one core.
 
 One relay process holds one GIL, and HTTP/2 framing, TLS and header coding take
-more than half of its CPU per notification (BENCHMARKS.md). With
+most of its CPU per notification (the profile in BENCHMARKS.md). With
 `apns.processes: N` the connections run in N child processes, each a plain
 `ApnsClient` with its own `apns.connections` connections and its own provider
 token; the relay process keeps every decision and every event. So crash resume
@@ -75,7 +75,9 @@ def open_client(config: ApnsConfig, *, expiration: float) -> NotificationClient:
 
 
 @dataclass
-class _Pending:
+class _SendInFlight:
+    """A send handed to a child (or waiting for one) until its answer comes back."""
+
     token: str
     apns_id: str
     started: float
@@ -90,7 +92,7 @@ class _Child:
     conn: Connection | None = None
     alive: bool = False  # False between its death and its restart: sends go elsewhere
     exit_code: int | None = None  # how it last died
-    pending: dict[int, _Pending] = field(default_factory=dict)
+    pending: dict[int, _SendInFlight] = field(default_factory=dict)
     outgoing: list[Request] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
 
@@ -105,7 +107,7 @@ class ApnsProcessPool:
         self._children = [_Child(i) for i in range(processes)]
         self._ids = itertools.count()
         self._turn = 0  # round robin over the children alive
-        self._waiting: list[_Pending] = []  # no child alive: sent when one is back
+        self._waiting: list[_SendInFlight] = []  # no child alive: sent when one is back
         self._lock = threading.Lock()  # pending, outgoing, and the writer's wake-up
         self._wake = threading.Condition(self._lock)
         self._closing = False
@@ -158,7 +160,7 @@ class ApnsProcessPool:
     def send(self, token: str, apns_id: str) -> concurrent.futures.Future[ApnsResult]:
         """Queue one notification for a child; never blocks; the future always resolves."""
         future: concurrent.futures.Future[ApnsResult] = concurrent.futures.Future()
-        pending = _Pending(token, apns_id, time.monotonic(), future)
+        pending = _SendInFlight(token, apns_id, time.monotonic(), future)
         with self._lock:
             if not self._closing:
                 self._assign(pending)
@@ -167,7 +169,7 @@ class ApnsProcessPool:
         self._resolve(pending, (0, None, "Closed", None, _now_ms()))
         return future
 
-    def _assign(self, pending: _Pending) -> None:
+    def _assign(self, pending: _SendInFlight) -> None:
         """To the next child alive, else to the waiting list (under the lock)."""
         children = self._children
         for step in range(len(children)):
@@ -258,7 +260,7 @@ class ApnsProcessPool:
         if child.process is not None:
             child.process.join(1.0)
             child.exit_code = child.process.exitcode
-        lost: list[_Pending] = []
+        lost: list[_SendInFlight] = []
         with self._lock:
             child.alive = False
             pending, child.pending, child.outgoing = child.pending, {}, []
@@ -282,7 +284,7 @@ class ApnsProcessPool:
         for request in pending.values():
             self._resolve(request, (0, None, reason, None, _now_ms()))
 
-    def _resolve(self, pending: _Pending, answer: Answer) -> None:
+    def _resolve(self, pending: _SendInFlight, answer: Answer) -> None:
         _, status, reason, timestamp_ms, received_at_ms = answer
         result = result_of(pending.token, pending.apns_id, started=pending.started,
                            status=status, reason=reason, timestamp_ms=timestamp_ms,

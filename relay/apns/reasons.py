@@ -53,7 +53,7 @@ REASONS: dict[tuple[int, str], Verdict] = {
     (404, "BadPath"): Verdict.RELAY_BUG,  # a
     (405, "MethodNotAllowed"): Verdict.RELAY_BUG,  # a
     (410, "ExpiredToken"): Verdict.DEAD_TOKEN,  # c
-    (410, "Unregistered"): Verdict.DEAD_TOKEN,  # c: §4 rule decides whether to unregister
+    (410, "Unregistered"): Verdict.DEAD_TOKEN,  # c: docs/apns.md §4 decides whether to unregister
     (413, "PayloadTooLarge"): Verdict.RELAY_BUG,  # a: our payload is fixed and small
     (429, "TooManyProviderTokenUpdates"): Verdict.RELAY_BUG,  # a: we re-minted the JWT too often
     (429, "TooManyRequests"): Verdict.TRANSIENT,  # d: retry this token after its back-off

@@ -6,7 +6,8 @@ from typing import Any
 
 from relay.config import ApnsConfig
 from relay.simulator.credentials import random_apple_id, write_signing_key
-from relay.simulator.server import Action, ApnsSimulator, RecordedRequest, ScriptedOutcome
+from relay.simulator.outcomes import Action, RecordedRequest, ScriptedOutcome
+from relay.simulator.server import ApnsSimulator
 
 __all__ = ["Action", "ApnsSimulator", "RecordedRequest", "ScriptedOutcome", "embedded_simulator"]
 

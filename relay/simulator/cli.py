@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from relay.config import parse_duration, parse_listen
 from relay.exits import ExitStatus
 from relay.simulator.credentials import load_public_key, random_apple_id, write_signing_key
-from relay.simulator.server import Action, ApnsSimulator, ScriptedOutcome
+from relay.simulator.outcomes import Action, ScriptedOutcome
+from relay.simulator.server import ApnsSimulator
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -181,7 +181,7 @@ def _b64url_decode(text: str) -> bytes:
 class TokenVerifier:
     """Checks provider tokens against the configured keys, for every connection of the
     simulator; caches the verdict by token string (until a key is added), because a
-    verified signature stays verified and ECDSA costs ~100 µs."""
+    verified signature stays verified and an ECDSA verification is costly per request."""
 
     CACHE_SIZE = 1024
 
