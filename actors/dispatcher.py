@@ -342,7 +342,8 @@ class Dispatcher(pykka.ThreadingActor):
                 lambda error: tell_quietly(ref, _RunEventCommitted(what, error)))
 
     def _fail(self, error: BaseException) -> None:
-        log.error("wakeup run %s failed: %r", self._result.run, error,
+        log.error("wakeup run %s failed: %s (%s)", self._result.run, first_line(error),
+                  type(error).__name__,
                   extra={"run": self._result.run})
         if not self._done.done():
             self._done.set_exception(error)

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from events import types as ev
 from events.journal import append_first
+from relay.database import connect
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +257,28 @@ def verify(cur: psycopg.Cursor[Any], log_end: int, loaded: list[Loaded],
                              f"{position}, the log has {stored.get(position)}: history up "
                              "to there was rewritten"))
     return problems
+
+
+class Checkpoints:
+    """A relay process's checkpoints: one after every run, written to `directory`
+    (`audit.checkpoint_dir`) and the latest kept for `GET /log/checkpoint`. A failure to
+    take one is logged, never fatal: the next run takes another."""
+
+    def __init__(self, dsn: str, directory: Path, key_file: Path) -> None:
+        self._dsn, self._directory = dsn, directory
+        self._key = load_or_create_key(key_file)
+        self._latest: dict[str, Any] | None = None
+
+    def latest(self) -> dict[str, Any] | None:
+        return self._latest
+
+    def take(self) -> None:
+        try:
+            with connect(self._dsn, application_name="relay-checkpoint") as conn:
+                taken = take(conn, self._key)
+            path = write(self._directory, taken)
+        except (psycopg.Error, OSError, CheckpointError) as exc:
+            log.warning("no checkpoint after this run: %s", exc)
+            return
+        self._latest = taken
+        log.info("checkpoint of position %d written to %s", taken["position"], path)

@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-
 from actors import ProgressLogger, RegistryHandle, RunResult, WakeupRunner
 from events import checkpoint
 from events.journal import Journal
@@ -32,7 +30,6 @@ from events.store import LogReader
 from relay import environment, metrics
 from relay.apns.processes import ApnsProcessPool, NotificationClient, open_client
 from relay.config import ApnsConfig, Config
-from relay.database import connect
 from relay.exits import ExitStatus
 from relay.runlock import drive_run
 
@@ -112,31 +109,6 @@ def exit_status_of(result: RunResult) -> ExitStatus:
     return ExitStatus.OK
 
 
-class Checkpoints:
-    """The supervisor's checkpoints: one after every run, written to
-    `audit.checkpoint_dir` and kept for `GET /log/checkpoint`. A failure to take one is
-    logged, never fatal: the next run takes another."""
-
-    def __init__(self, config: Config, dsn: str) -> None:
-        self._dsn, self._directory = dsn, config.checkpoint_dir
-        self._key = checkpoint.load_or_create_key(config.signing_key)
-        self._latest: dict[str, Any] | None = None
-
-    def latest(self) -> dict[str, Any] | None:
-        return self._latest
-
-    def take(self) -> None:
-        try:
-            with connect(self._dsn, application_name="relay-checkpoint") as conn:
-                taken = checkpoint.take(conn, self._key)
-            path = checkpoint.write(self._directory, taken)
-        except (psycopg.Error, OSError, checkpoint.CheckpointError) as exc:
-            log.warning("no checkpoint after this run: %s", exc)
-            return
-        self._latest = taken
-        log.info("checkpoint of position %d written to %s", taken["position"], path)
-
-
 class Supervisor:
     """Restarts crashed parts, runs a wakeup at start and then every `wakeup.interval`.
 
@@ -157,7 +129,8 @@ class Supervisor:
         metrics.WAKEUP_INTERVAL.set(config.wakeup.interval)
         metrics.BREAKER_PAUSE.set(config.wakeup.breaker_pause)
         metrics.LAST_RUN_FINISHED.set_to_current_time()  # an overdue run counts from here
-        self.checkpoints = Checkpoints(config, dsn)
+        self.checkpoints = checkpoint.Checkpoints(dsn, config.checkpoint_dir,
+                                                  config.signing_key)
 
     @property
     def parts(self) -> Parts:
