@@ -12,6 +12,10 @@ queued (up to `max_batch` events) and writes it in ONE transaction:
     record the batch id             -> journal_batches
     COMMIT                          -> then, and only then, resolve the futures
 
+A small batch (up to INSERT_MAX_EVENTS events, the usual case) skips both COPYs: after
+the head lock, its events, its cache upserts and its batch record are ONE statement
+(`_one_statement`) with binary column arrays, pipelined with COMMIT.
+
 One commit per batch instead of per event is what makes the log fast (the fsync is
 shared); appenders that arrive while a transaction runs form the next batch. The
 writer never waits for a batch to fill: an idle writer commits a lone request at
