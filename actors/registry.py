@@ -29,6 +29,11 @@ later requests for the token wait, then read what it decided.
 
 Whatever reply the actor owes is in a `ReplyBook`: if the actor dies, every reply it
 still owes fails at once (a Sender shard's credit rides on it) instead of never coming.
+
+One module past 500 lines, for one idea: the order of every append about a token.
+The handle (appends registrations under the overlay lock), the overlay and the actor
+(decides under the same lock) keep that order together; apart, each would need the
+others to be read.
 """
 
 from __future__ import annotations

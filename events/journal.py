@@ -48,6 +48,12 @@ exactly that ("fate unknown"), and the batch id is written to the `unsettled` fi
 the next start looks each id up and says what became of it (the log itself needs
 nothing: a committed batch is in it, an uncommitted one is not, and a resumed run
 sends again whatever has no outcome).
+
+One module past 500 lines, for one idea: a batch's way into the log. Encoding, the
+transaction, the decision under the head lock, the retry and the COMMIT in doubt all
+lean on one another's invariants (the head lock, the batch id, the order of batches);
+`append_bulk` and `append_first` are the same write for seeding and for the log's
+first event.
 """
 
 from __future__ import annotations

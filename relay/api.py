@@ -16,7 +16,9 @@ Endpoints (documented in `relay/openapi.json`, served at `GET /openapi.json`):
   `GET /openapi.json`.
 
 Every error answer, whatever produced it (our handlers, aiohttp's router, its
-HTTP parser, the connection limit), has a JSON body `{"code": ..., "hint": ...}`.
+HTTP parser, the connection limit), has a JSON body `{"code": ..., "hint": ...}`;
+that, the connection limit and the redacted access log are the transport under
+these endpoints, relay/api_transport.py.
 
 Abuse: at most `http.max_connections` open connections per listener (more are
 answered 503 and closed); a request's head must arrive within
@@ -43,21 +45,25 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import threading
-import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from importlib import resources
 from typing import Any, NoReturn, Protocol
 
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from actors.registry import RegistryBusy
 from relay import NAME, __version__
+from relay.api_transport import (
+    RETRY_AFTER_OVERLOADED,
+    AccessLog,
+    ApiError,
+    GuardedSite,
+    error_response,
+    json_errors,
+)
 from relay.config import ApnsConfig, Config
 from relay.metrics import REGISTRY
 from relay.ratelimit import RateLimiter
@@ -71,16 +77,14 @@ access_log = logging.getLogger("relay.api.access")
 # http.request_timeout). The Journal retries a lost database for up to 30 s per
 # attempt; a client is better served by a prompt 503 and its own retry.
 COMMIT_WAIT_CAP = 5.0
-# What we suggest to clients when the database is unavailable, or we (or the Registry's
-# mailbox) are full.
+# What we suggest to clients when the database is unavailable (when we are full:
+# relay.api_transport.RETRY_AFTER_OVERLOADED).
 RETRY_AFTER_UNAVAILABLE = 5
-RETRY_AFTER_OVERLOADED = 1
 # After an answer, how long we keep draining an unread request body so the
 # connection can be reused (e.g. after a 413), before closing it instead.
 LINGER_CAP = 1.0
 # In-flight requests get this long to finish at stop() before connections are cut.
 SHUTDOWN_GRACE = 5.0
-LISTEN_BACKLOG = 511
 # A client key from a proxy header is an address; longer values are cut so a
 # misbehaving proxy cannot make the rate limiter hold kilobytes per client.
 CLIENT_KEY_MAX = 64
@@ -101,191 +105,6 @@ class HealthSource(Protocol):
     def database_available(self) -> bool: ...
 
     def worker_alive(self) -> bool: ...
-
-
-# --- error answers --------------------------------------------------------------------
-
-# Codes for answers aiohttp produces itself; anything else gets `http_<status>`.
-_CODES = {
-    400: ("bad_request", "the request is not valid HTTP/1.1"),
-    404: ("not_found", "no such path; the API is described at GET /openapi.json"),
-    405: ("method_not_allowed", "method not allowed here; the Allow header lists those that are"),
-    408: ("request_timeout", "the request did not arrive in time"),
-    413: ("body_too_large", "the request body is too large"),
-    414: ("uri_too_long", "the request line is too long"),
-    431: ("headers_too_large", "the request headers are too large"),
-    500: ("internal_error", "the relay failed to handle this request; it has been logged"),
-}
-
-
-def error_response(status: int, code: str, hint: str,
-                   headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response({"code": code, "hint": hint}, status=status, headers=headers)
-
-
-class ApiError(Exception):
-    """An error answer decided by a handler; the middleware turns it into JSON."""
-
-    def __init__(self, status: int, code: str, hint: str, *,
-                 retry_after: int | None = None, close: bool = False) -> None:
-        super().__init__(hint)
-        self.status, self.code, self.hint = status, code, hint
-        self.retry_after, self.close = retry_after, close
-
-    def response(self) -> web.Response:
-        headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
-        response = error_response(self.status, self.code, self.hint, headers)
-        if self.close:
-            response.force_close()
-        return response
-
-
-def _default_error(status: int) -> tuple[str, str]:
-    return _CODES.get(status, (f"http_{status}", f"HTTP {status}"))
-
-
-def _redacted_path(path: str) -> str:
-    prefix = "/devices/"
-    return prefix + redact(path[len(prefix):]) if path.startswith(prefix) else path
-
-
-@web.middleware
-async def _json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as `{"code", "hint"}` JSON, including aiohttp's own 404/405/413."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code, hint = _default_error(exc.status)
-        allow = exc.headers.get(hdrs.ALLOW)
-        headers = None if allow is None else {"Allow": allow}
-        if allow is not None:
-            hint = f"{request.method[:16]} is not allowed here; allowed: {allow}"
-        return error_response(exc.status, code, hint, headers)
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, _redacted_path(request.path))
-        return error_response(500, *_default_error(500))
-
-
-# --- connections ----------------------------------------------------------------------
-
-
-class _AccessLog(AbstractAccessLogger):
-    """aiohttp's default access log would write `DELETE /devices/<full token>`."""
-
-    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.debug("%s %s %s %d %.1fms", request.remote, request.method,
-                          _redacted_path(request.path), response.status, time * 1000)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.DEBUG)
-
-
-class _Handler(web.RequestHandler):
-    """aiohttp's per-connection protocol, with JSON errors from its parser too."""
-
-    def __init__(self, manager: web.Server, *, on_lost: Callable[[_Handler], None],
-                 **options: Any) -> None:
-        super().__init__(manager, **options)
-        self._on_lost = on_lost
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self._on_lost(self)
-
-    def handle_error(self, request: BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        # The exception text may quote the request line, i.e. a token: log its type only.
-        log.debug("HTTP %d before routing from %s (%s)", status, request.remote,
-                  type(exc).__name__ if exc else "no exception")
-        if request.writer.output_size > 0:
-            raise ConnectionError("an answer is already on the wire")
-        response = error_response(status, *_default_error(status))
-        response.force_close()
-        return response
-
-
-_OVERLOADED_BODY = json.dumps({
-    "code": "overloaded",
-    "hint": "too many open connections; retry shortly",
-}).encode()
-_OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Retry-After: " + str(RETRY_AFTER_OVERLOADED).encode() + b"\r\n"
-    b"Connection: close\r\n"
-    b"Content-Length: " + str(len(_OVERLOADED_BODY)).encode() + b"\r\n\r\n" + _OVERLOADED_BODY
-)
-
-
-class _Refusal(asyncio.Protocol):
-    """A connection over the limit: a fixed 503 (no parsing), then close.
-
-    We half-close and wait briefly for the client's end rather than closing at
-    once, because closing with the client's request unread makes the kernel send
-    a reset that can destroy the 503 before the client reads it.
-    """
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_OVERLOADED)
-        if transport.can_write_eof():
-            transport.write_eof()
-        asyncio.get_running_loop().call_later(RETRY_AFTER_OVERLOADED, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        """Ignored: the answer does not depend on it."""
-
-    def eof_received(self) -> bool:
-        return False  # close the transport
-
-
-class _GuardedSite(web.BaseSite):
-    """A TCP listener that caps open connections and uses `_Handler`."""
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 max_connections: int, handler_options: dict[str, Any]) -> None:
-        super().__init__(runner, backlog=LISTEN_BACKLOG)
-        self._host, self._port = host, port
-        self._max_connections = max_connections
-        self._handler_options = handler_options
-        # Handlers created and not yet disconnected. Weak, so a protocol whose
-        # connection never got made (accept failed) cannot leak a slot.
-        self._open: weakref.WeakSet[_Handler] = weakref.WeakSet()
-
-    @property
-    def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        sockets: tuple[socket.socket, ...] = getattr(self._server, "sockets", ())
-        name = sockets[0].getsockname()
-        return str(name[0]), int(name[1])
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
-        )
-
-    def _protocol(self) -> asyncio.BaseProtocol:
-        if len(self._open) >= self._max_connections:
-            return _Refusal()
-        manager = self._runner.server
-        assert manager is not None
-        handler = _Handler(manager, on_lost=self._open.discard, **self._handler_options)
-        self._open.add(handler)
-        return handler
 
 
 # --- the application ------------------------------------------------------------------
@@ -335,7 +154,7 @@ class _Api:
         return app
 
     def _new_app(self) -> web.Application:
-        return web.Application(middlewares=[_json_errors], client_max_size=self._http.max_body)
+        return web.Application(middlewares=[json_errors], client_max_size=self._http.max_body)
 
     # --- device endpoints ---
 
@@ -636,7 +455,7 @@ class ApiServer:
             # the previous answer: slow or silent clients are cut off.
             "keepalive_timeout": http.request_timeout,
             "lingering_time": min(http.request_timeout, LINGER_CAP),
-            "access_log_class": _AccessLog,
+            "access_log_class": AccessLog,
             "access_log": access_log,
         }
         runners: list[web.AppRunner] = []
@@ -649,7 +468,7 @@ class ApiServer:
                 runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
                 runners.append(runner)
                 await runner.setup()
-                site = _GuardedSite(runner, host, port, max_connections=http.max_connections,
+                site = GuardedSite(runner, host, port, max_connections=http.max_connections,
                                     handler_options=handler_options)
                 await site.start()
                 addresses.append(site.address)

@@ -8,6 +8,12 @@ with APNs' answer, or with status None (`Timeout` at `apns.request_timeout`
 after `send()`, `ConnectionLost`, `StreamReset`, `Closed`), which `classify`
 turns into TRANSIENT. Nothing is dropped: requests that do not fit wait, and
 requests a GOAWAY left unprocessed are sent again on another connection.
+
+One module past 500 lines, for one idea: the state of the client's event loop (the
+queue, the connection slots and their reconnect back-off, the deadlines, the provider
+token, the re-sends). But for the thread-safe `start`, `send` and `close`, every
+method runs on that loop and changes that state; the
+per-connection HTTP/2 work is connection.py, the result and its metrics results.py.
 """
 
 from __future__ import annotations

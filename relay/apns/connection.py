@@ -16,6 +16,10 @@ owner (the client), and never decides what an answer means. What it guarantees:
   own frame buffer and HPACK decoder;
 - a connection that stays silent while a PING is outstanding is declared dead,
   so requests never wait on a socket that silently died.
+
+One module past 500 lines, for one idea: one HTTP/2 connection's life, GOAWAY
+included. The reading after GOAWAY must share the connection's HPACK decoder and its
+streams, so it is not a module of its own.
 """
 
 from __future__ import annotations
