@@ -12,6 +12,10 @@ queued (up to `max_batch` events) and writes it in ONE transaction:
     record the batch id             -> journal_batches
     COMMIT                          -> then, and only then, resolve the futures
 
+A small batch (up to INSERT_MAX_EVENTS events, the usual case) skips both COPYs: after
+the head lock, its events, its cache upserts and its batch record are ONE statement
+(`_one_statement`) with binary column arrays, pipelined with COMMIT.
+
 One commit per batch instead of per event is what makes the log fast (the fsync is
 shared); appenders that arrive while a transaction runs form the next batch. The
 writer never waits for a batch to fill: an idle writer commits a lone request at
@@ -77,7 +81,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from events import codec, projection
+from events import arrays, codec, projection
 from events import types as ev
 from events.types import EVENT_TYPES, Event
 from relay import metrics
@@ -120,6 +124,8 @@ INSERT_MAX_EVENTS = 64
 _INSERT_EVENTS = ("INSERT INTO events (position, type, token, run, body, hash)"
                   " SELECT * FROM unnest(%b::int8[], %b::text[], %b::text[], %b::int8[],"
                   " %b::bytea[], %b::bytea[])")
+_RECORD_BATCH = ("INSERT INTO journal_batches (batch, first_position, last_position)"
+                 " VALUES (%s, %s, %s)")
 _ROW_START = struct.Struct(">hiq").pack  # 6 fields, then the position (8 bytes)
 _INT4 = struct.Struct(">i").pack
 _HASH_LENGTH = _INT4(32)
@@ -189,23 +195,26 @@ def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int
 
 
 def _event_columns(events: Sequence[_Encoded], head: int, previous: bytes
-                   ) -> tuple[int, bytes, projection.BatchPatch, list[list[Any]]]:
+                   ) -> tuple[int, bytes, projection.BatchPatch, list[arrays.BinaryArray]]:
     """`_copy_events` for `_INSERT_EVENTS`: the last position and hash, the patch (its
     rows inline), and the events as column arrays (position, type, token, run, body, hash)."""
-    columns: list[list[Any]] = [[], [], [], [], [], []]
-    positions, types, tokens, runs, bodies, hashes = columns
+    positions, types, tokens, runs, bodies, hashes = [], [], [], [], [], []
     position, sha256 = head, codec.chain_hash
+    int8, text, field = codec.copy_int8, codec.copy_text, codec.copy_bytes
     for event in events:
         position += 1
         body = b"%s%d%s" % (event.prefix, position, event.suffix)
         previous = sha256(previous, body)
-        positions.append(position)
-        types.append(event.type)
-        tokens.append(event.data.get("token"))
-        runs.append(event.data.get("run"))
-        bodies.append(body)
-        hashes.append(previous)
+        positions.append(int8(position))
+        types.append(_TYPE_FIELDS[event.type])
+        tokens.append(text(event.data.get("token")))
+        runs.append(int8(event.data.get("run")))
+        bodies.append(field(body))
+        hashes.append(field(previous))
     patch = projection.BatchPatch(((event.type, event.data) for event in events), inline=True)
+    columns = [arrays.array(arrays.Int8Array, positions), arrays.array(arrays.TextArray, types),
+               arrays.array(arrays.TextArray, tokens), arrays.array(arrays.Int8Array, runs),
+               arrays.array(arrays.ByteaArray, bodies), arrays.array(arrays.ByteaArray, hashes)]
     return position, previous, patch, columns
 
 
@@ -230,6 +239,18 @@ def _refuse_stale(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
         if request.events and any(current.get(shard) != epoch
                                   for shard, epoch in request.fences):
             request.refused, request.events = len(request.events), []
+
+
+def _one_statement(rows: list[arrays.BinaryArray], patch: projection.BatchPatch,
+                   record: list[Any]) -> tuple[str, list[Any]]:
+    """A small batch's writes as ONE statement: the cache upserts and the batch record
+    as data-modifying WITH parts of the events INSERT. Each statement is a send, a
+    result to process and, on a busy process, a wait for the GIL after its poll; the
+    insert trigger still runs at the end of the statement, after every part."""
+    parts = [*patch.statements(), (_RECORD_BATCH, record)]
+    text = "WITH " + ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
+    params = [param for _, values in parts for param in values]
+    return f"{text} {_INSERT_EVENTS}", params + rows
 
 
 def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
@@ -625,7 +646,7 @@ class Journal:
         """The batch after `head`, up to COMMIT; `locked`: the head lock is already ours
         (else `fences`, the batch's shards and epochs, are checked after taking it)."""
         first = head[0] + 1
-        rows: list[list[Any]] | None = None
+        rows: list[arrays.BinaryArray] | None = None
         if len(events) <= INSERT_MAX_EVENTS:
             position, last, patch, rows = _event_columns(events, *head)
         else:
@@ -640,10 +661,10 @@ class Journal:
                 if fences is not None:
                     cur.execute("SELECT cluster_fence(%s::int4[], %s::int8[])", fences)
             if rows is not None:
-                cur.execute(_INSERT_EVENTS, rows)
-            patch.merge(cur)
-            cur.execute("INSERT INTO journal_batches (batch, first_position, last_position)"
-                        " VALUES (%s, %s, %s)", (batch_id, first, position))
+                cur.execute(*_one_statement(rows, patch, [batch_id, first, position]))
+            else:
+                patch.merge(cur)
+                cur.execute(_RECORD_BATCH, (batch_id, first, position))
             self._batches += 1
             if self._batches % PRUNE_EVERY == 0:
                 cur.execute("DELETE FROM journal_batches"

@@ -71,10 +71,20 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# The last second `iso_ms` formatted, and its text up to the milliseconds: events are
+# stamped thousands of times a second, and strftime was most of an event's encoding.
+_iso_second: tuple[int, str] = (0, "1970-01-01T00:00:00.")
+
+
 def iso_ms(epoch_ms: int) -> str:
     """`2026-11-25T19:43:17.123Z` for an epoch in milliseconds."""
-    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+    global _iso_second
+    second, ms = divmod(epoch_ms, 1000)
+    cached = _iso_second  # one read: other threads may replace it meanwhile
+    if cached[0] != second:
+        moment = datetime.fromtimestamp(second, tz=timezone.utc)
+        cached = _iso_second = (second, moment.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{cached[1]}{ms:03d}Z"
 
 
 def parse_iso_ms(text: str) -> int:

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import threading
+from collections import deque
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, NoReturn, Protocol
@@ -264,9 +265,9 @@ class _Api:
             log.exception("registry refused %s", redact(token))
             self._unavailable("registry_unavailable", "the registry is not running")
         if self._waits is None:
-            self._waits = _CommitWaits(asyncio.get_running_loop())
+            self._waits = _CommitWaits(asyncio.get_running_loop(), self._commit_wait)
         try:
-            await self._waits.wait(commit, self._commit_wait)
+            await self._waits.wait(commit)
         except asyncio.TimeoutError:
             log.warning("no commit within %gs for %s", self._commit_wait, redact(token))
             self._unavailable("commit_timeout",
@@ -332,20 +333,42 @@ class _CommitWaits:
     schedules one call that settles every waiter resolved so far.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self._loop = loop
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._resolved: list[tuple[asyncio.Future[None], concurrent.futures.Future[Any]]] = []
+        # Waiters in deadline order (one timeout for all), and one timer for the earliest:
+        # a timer per request (made, then cancelled) was a tenth of the API thread's time.
+        self._deadlines: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def wait(self, commit: concurrent.futures.Future[Any], timeout: float) -> None:
-        """Await `commit` for at most `timeout` seconds without ever cancelling it."""
+    async def wait(self, commit: concurrent.futures.Future[Any]) -> None:
+        """Await `commit` for at most the timeout without ever cancelling it."""
         waiter: asyncio.Future[None] = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _expire, waiter)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():  # answered: forget them as we go
+            deadlines.popleft()
+        deadlines.append((self._loop.time() + self._timeout, waiter))
+        if self._timer is None:
+            self._arm()
         commit.add_done_callback(lambda done: self._resolve(waiter, done))
-        try:
-            await waiter
-        finally:
-            timer.cancel()
+        await waiter
+
+    def _arm(self) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
+        if deadlines:
+            self._timer = self._loop.call_at(deadlines[0][0], self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _expire(deadlines.popleft()[1])
+        self._arm()
 
     def _resolve(self, waiter: asyncio.Future[None],
                  done: concurrent.futures.Future[Any]) -> None:
