@@ -115,6 +115,11 @@ BULK_CHUNK = 50_000
 COPY_CHUNK_EVENTS = 128
 # SQLSTATE of cluster_fence's refusal (schema/006_cluster.sql).
 FENCE_SQLSTATE = "RL001"
+# After another writer moved the head under a one-round-trip write, the next small batches
+# take the head lock first for this long (seconds): with several relays on one log the head
+# mostly moves between our commits, so guessing it would cost a refused round trip (and
+# psycopg's warning about the aborted pipeline) per batch.
+SHARED_HEAD_REST = 1.0
 _COPY_EVENTS = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
 # Batches of at most this many events go in with one INSERT inside the commit's pipeline
 # instead of a COPY (a COPY cannot be pipelined): two round trips fewer, which is most of
@@ -361,6 +366,7 @@ class Journal:
         self._available = True
         self._conn: psycopg.Connection[Any] | None = None
         self._head: tuple[int, bytes] | None = None  # (position, hash) our last commit left
+        self._guess_head_after = 0.0  # monotonic time; see SHARED_HEAD_REST
         self._batches = 0
 
     def start(self) -> None:
@@ -592,7 +598,8 @@ class Journal:
         the lock, is written in ONE round trip: the head we left is assumed, and if
         another writer moved it meanwhile the insert trigger refuses the batch (a
         duplicate position, or a chain that does not continue), which only sends us the
-        usual way: lock and read the head first.
+        usual way: lock and read the head first, as every small batch does for
+        SHARED_HEAD_REST after such a refusal.
         """
         conn = self._connection()
         self._commit_sent = False
@@ -601,13 +608,14 @@ class Journal:
         small = len(events) <= INSERT_MAX_EVENTS and not deciding
         known, self._head = (None if retrying else self._head), None
         with conn.cursor() as cur:
-            if known is not None and small:
+            if known is not None and small and time.monotonic() >= self._guess_head_after:
                 try:
                     return self._write_events(conn, cur, events, batch_id, known, locked=False,
                                               fences=_fence_arrays(batch))
                 except (psycopg.errors.UniqueViolation, psycopg.errors.RestrictViolation):
                     conn.rollback()  # another writer moved the head: refused, not in doubt
                     self._commit_sent = False
+                    self._guess_head_after = time.monotonic() + SHARED_HEAD_REST
                 except psycopg.Error as exc:
                     if exc.sqlstate != FENCE_SQLSTATE:
                         raise

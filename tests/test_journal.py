@@ -380,3 +380,26 @@ def test_a_small_batch_after_another_writer_moved_the_head_is_written_after_it(
     with psycopg.connect(dsn) as conn:
         tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
     assert tokens == [f"{i:064x}" for i in range(6)]
+
+
+def test_writers_taking_turns_stop_guessing_the_head_after_one_refusal(
+        dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two relays' Journals appending in turn: the head moves between every two commits of
+    each, so after one refused guess each takes the lock first, and psycopg warns about
+    an aborted pipeline once per writer, not once per batch."""
+    monkeypatch.setattr(journal_module, "SHARED_HEAD_REST", 60.0)
+    writers = [Journal(dsn), Journal(dsn)]
+    for j in writers:
+        j.start()
+    try:
+        with caplog.at_level("WARNING", logger="psycopg"):
+            for i in range(20):
+                assert writers[i % 2].append([registered(i)]).result(10) == [i + 1]
+    finally:
+        for j in writers:
+            j.stop(5)
+    aborted = [r for r in caplog.records if "pipeline aborted" in r.getMessage()]
+    assert len(aborted) <= len(writers)
+    with psycopg.connect(dsn) as conn:
+        tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
+    assert tokens == [f"{i:064x}" for i in range(20)]
