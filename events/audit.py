@@ -325,6 +325,10 @@ def _print_text(report: dict[str, Any], out: TextIO) -> None:
                       f"abandoned {run['abandoned']}, dead {run['dead']} (unregistered "
                       f"{run['unregistered']}, kept {run['kept']})"
                       f"{_sent_to(run['apns'])}\n")
+            if run["processes"]:
+                drivers = ", ".join(f"{p['process']} ({len(p['shards'])} shards)"
+                                    for p in run["processes"])
+                out.write(f"    driven by {drivers}\n")
     if "verified" in report:
         if report["verified"]:
             scope = ("the hash chain and positions" if report.get("tables_checked") is False

@@ -14,7 +14,7 @@ from events import audit
 from events import replay as replay_engine
 from events import types as ev
 from events.audit import audit_main, rebuild_main
-from events.journal import Journal
+from events.journal import Journal, append_bulk
 from relay.database import connect
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20.000Z
@@ -199,3 +199,29 @@ def test_bodies_beyond_what_orjson_reads_verify(dsn: str,
     status, report = audit_json(dsn, capsys, "--verify")
     assert report["problems"] == []
     assert (status, report["verified"], report["events"]) == (0, True, 2)
+
+
+def test_text_output_names_the_processes_that_drove_a_run(
+        dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several relays shared run 1: the text summary says who drove how many shards, as
+    --json does in full."""
+    events = [
+        ev.device_registered(A, T0), ev.device_registered(B, T0 + 1),
+        ev.shard_leased(T0 + 2, process="h1:10:x", host="h1", shard=0, epoch=1, took_from=None),
+        ev.shard_leased(T0 + 3, process="h2:20:y", host="h2", shard=1, epoch=1, took_from=None),
+        ev.run_started(1, T0 + 1000, 2),
+        ev.notification_delivered(1, A, T0 + 1001, attempt=1, apns_id="a1", status=200,
+                                  latency_ms=1.0, fence=(0, 1)),
+        ev.notification_delivered(1, B, T0 + 1002, attempt=1, apns_id="b1", status=200,
+                                  latency_ms=1.0, fence=(1, 1)),
+        ev.run_finished(1, T0 + 1003, tokens=2, delivered=2, failed=0, abandoned=0,
+                        dead=0, unregistered=0, kept=0),
+    ]
+    assert append_bulk(dsn, events) == len(events)  # as written: no lease table to fence by
+    capsys.readouterr()
+    assert audit_main(dsn, ["--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "    driven by h1:10:x (1 shards), h2:20:y (1 shards)\n" in out
+    status, report = audit_json(dsn, capsys)
+    assert status == 0
+    assert [p["process"] for p in report["runs"][0]["processes"]] == ["h1:10:x", "h2:20:y"]
