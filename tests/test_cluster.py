@@ -374,6 +374,11 @@ def test_a_process_frozen_past_its_lease_is_fenced_out_when_it_resumes(
                                     latency=0.3, window=30)
     frozen = relays[1]
     assert simulator.wait_for_requests(200, timeout=WAIT)
+    # Both processes sending right now (a process joins a run another started at its next
+    # look, so the first 200 requests may all be one process's): each has its window in
+    # flight, one connection each.
+    _wait_for("both processes to be sending",
+              lambda: len({r.connection for r in list(simulator.requests)[-100:]}) == 2, relays)
     frozen.signal(signal.SIGSTOP)  # with sends in flight: their answers wait in its socket
     time.sleep(2.0 * 2 + 1.0)  # past its lease; the other takes its shards over
     frozen.signal(signal.SIGCONT)
