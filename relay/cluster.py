@@ -48,7 +48,7 @@ from events.journal import append_locked, lock_head
 from events.store import RunRecord
 from relay import metrics
 from relay.config import ClusterConfig
-from relay.database import connect
+from relay.database import connect, first_line
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class LeaseKeeper:
             self._drop_connection()
             if not self._failed:
                 log.warning("cannot renew the shard leases (%s); they lapse %.1fs after the "
-                            "last renewal", _first_line(exc), self._config.lease_ttl)
+                            "last renewal", first_line(exc), self._config.lease_ttl)
             self._failed = True
             return
         if self._failed:
@@ -251,7 +251,7 @@ class LeaseKeeper:
         except psycopg.Error as exc:
             self._drop_connection()
             log.warning("cannot release shard(s) %s (%s); they lapse within %.1fs",
-                        sorted(mine), _first_line(exc), self._config.lease_ttl)
+                        sorted(mine), first_line(exc), self._config.lease_ttl)
             return
         with self._state:
             for shard in mine:
@@ -477,8 +477,3 @@ def cluster_view(conn: psycopg.Connection[Any], ttl: float) -> dict[str, Any]:
         {"process": process, "host": host, "pid": pid, "up_s": round(float(up), 3),
          "seen_s_ago": round(float(seen), 3), "shards": shards.get(process, [])}
         for process, host, pid, up, seen in members]}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
