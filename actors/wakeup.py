@@ -10,7 +10,7 @@ left unfinished for the next start to resume, all within `wakeup.drain_timeout`.
 Wiring by hand, as tests do (the relay's own start sequence is `Supervisor.running`
 in relay/supervisor.py), in dependency order, stopped in reverse::
 
-    journal = Journal(dsn); journal.start()
+    journal = Journal(dsn, hold_limit=config.cluster.hold_limit); journal.start()
     registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
     client = open_client(config.apns, expiration=config.wakeup.interval); client.start()
     keeper = LeaseKeeper(dsn, config.cluster); keeper.start()  # this process's shards
@@ -63,7 +63,7 @@ class WakeupRunner:
                  registry: RegistryHandle, keeper: LeaseKeeper, rng: random.Random | None = None,
                  apns_target: Mapping[str, str | None] | None = None) -> None:
         self._config, self._dsn, self._apns_target = config, dsn, apns_target
-        self._keeper, self._runs = keeper, ClusterLog(dsn)
+        self._keeper, self._runs = keeper, ClusterLog(dsn, config.cluster.hold_limit)
         self._journal, self._client, self._registry, self._rng = journal, client, registry, rng
         self._lock = threading.Lock()
         self._dispatcher: pykka.ActorRef[Dispatcher] | None = None

@@ -85,13 +85,17 @@ from events import arrays, codec, projection
 from events import types as ev
 from events.types import EVENT_TYPES, Event
 from relay import metrics
-from relay.database import RetryPauses, connect, first_line, is_transient
+from relay.config import ClusterConfig
+from relay.database import (
+    RetryPauses,
+    connect,
+    first_line,
+    idle_transaction_limit,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
 
-# An orphaned transaction of ours (client gone, server unaware) would hold the head
-# lock and stall every writer; the server ends such a session after this long.
-IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
 # Detect a dead TCP peer within about 25 s instead of the kernel's 2 h.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
               "keepalives_count": 3}
@@ -350,10 +354,14 @@ class Journal:
     """The one writer of the event log (see the module docstring for the protocol)."""
 
     def __init__(self, dsn: str, *, max_batch: int = MAX_BATCH, max_delay: float = 0.0,
-                 unsettled: Path | None = None) -> None:
+                 unsettled: Path | None = None,
+                 hold_limit: float = ClusterConfig().hold_limit) -> None:
         """`max_delay`: extra seconds to wait for a batch to fill after its first request;
-        0 (no wait) serves every load best, larger values only help tests hold a batch."""
+        0 (no wait) serves every load best, larger values only help tests hold a batch.
+        `hold_limit`: the server ends a transaction of ours idle this long while it holds
+        the head lock (this process paused): every writer on the database waits on it."""
         self._dsn = dsn
+        self._hold_limit = hold_limit
         self._unsettled = unsettled  # where batch ids whose COMMIT is in doubt are kept
         self._commit_sent = False  # the current attempt's COMMIT may have reached the server
         self._max_batch = max_batch
@@ -572,7 +580,7 @@ class Journal:
         if self._conn is None:
             self._conn = connect(
                 self._dsn, application_name="relay-journal", **KEEPALIVES,
-                options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+                options=idle_transaction_limit(self._hold_limit),
             )
             projection.prepare(self._conn)
         return self._conn
@@ -621,9 +629,11 @@ class Journal:
                         raise
                     conn.rollback()  # a shard moved on: the locked path sorts the batch
                     self._commit_sent = False
-            with conn.pipeline():  # BEGIN and the head's lock: one round trip
-                cur.execute("SELECT position, hash FROM log_head FOR UPDATE")
-            row = cur.fetchone()
+            # BEGIN, then the head's lock: two round trips where a pipeline would take
+            # one, because a pipeline ends with a flush request, after which PostgreSQL
+            # no longer times the transaction as idle; this one must be ended by the
+            # server's `hold_limit` if the process stops while it holds the lock.
+            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
             assert row is not None, "log_head has exactly one row (schema/001_event_log.sql)"
             if retrying:
                 # The head lock is ours, so an earlier attempt of this batch is over:

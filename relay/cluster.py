@@ -12,7 +12,10 @@ share (the shards divided by the live members, rounded up) with `FOR UPDATE SKIP
 LOCKED`, so processes never wait on each other's choices. Taking a shard raises its
 epoch and appends `shard_leased` in the same transaction, under the log's head lock:
 outcomes appended before are visible to the new holder, and outcomes appended after are
-checked against the new epoch (fencing, events/journal.py). A process holding more than
+checked against the new epoch (fencing, events/journal.py). The take is a transaction
+of its own, after the renewal, and waits for the head lock briefly: a process paused
+while holding that lock (its transaction ended by the server after
+`cluster.hold_limit`) delays a take, never the renewal. A process holding more than
 its share marks the excess as draining: its Dispatcher stops taking their tokens and
 releases each (`shard_released`) once its sends are answered. A process that cannot
 renew sends nothing more for its shards once the lease it last renewed runs out by its
@@ -48,7 +51,7 @@ from events.journal import append_locked, lock_head
 from events.store import RunRecord
 from relay import metrics
 from relay.config import ClusterConfig
-from relay.database import connect, first_line
+from relay.database import connect, first_line, idle_transaction_limit
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,14 @@ class LeaseKeeper:
     @property
     def round_timeout(self) -> float:
         """A round of statements unanswered this long is abandoned."""
-        return self._config.lease_ttl / 2
+        return self._config.hold_limit
+
+    @property
+    def take_wait(self) -> float:
+        """How long taking shards may wait for the head lock (held by an appender, or by
+        a paused process until the server ends its transaction): the next renewal must
+        not be late for it."""
+        return self.renew_every / 2
 
     def start(self) -> None:
         """Join the cluster and take a first share; then keep renewing in a thread."""
@@ -181,6 +191,8 @@ class LeaseKeeper:
             self.release(draining, WHY_REBALANCING)
 
     def _round(self) -> tuple[dict[int, int], frozenset[int], list[int]]:
+        """Renew, then take in a transaction of its own: a take waiting on the head lock
+        (another process paused holding it) must never cost this process its leases."""
         conn = self._connection()
         me, ttl, shards = self.member, self._config.lease_ttl, self._config.shards
         with conn.transaction(), conn.cursor() as cur:
@@ -195,10 +207,17 @@ class LeaseKeeper:
                               " WHERE seen_at > now() - make_interval(secs => %s)",
                               (ttl,)).fetchone()
             share = math.ceil(shards / max(1, int(row[0]) if row else 1))
-            taken: list[int] = []
-            if len(held) < share:
-                taken = self._take(cur, share - len(held), held)
-            excess = sorted(held, reverse=True)[:max(0, len(held) - share)]
+        taken: list[int] = []
+        if len(held) < share:
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute("SELECT set_config('lock_timeout', %s, true)",
+                                (f"{max(1, round(self.take_wait * 1000))}ms",))
+                    taken = self._take(cur, share - len(held), held)
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                log.info("the log's head stayed locked for %.1fs: free shards are taken at a "
+                         "later renewal", self.take_wait)
+        excess = sorted(held, reverse=True)[:max(0, len(held) - share)]
         return held, frozenset(excess), taken
 
     def _take(self, cur: psycopg.Cursor[Any], wanted: int, held: dict[int, int]) -> list[int]:
@@ -282,8 +301,10 @@ class LeaseKeeper:
             # No statement may outlast a round: a blocked one is a failed renewal, and the
             # leases lapse by this process's clock meanwhile.
             timeout_ms = max(100, round(self.round_timeout * 1000))
-            self._conn = connect(self._dsn, application_name="relay-leases",
-                                 options=f"-c statement_timeout={timeout_ms}")
+            self._conn = connect(
+                self._dsn, application_name="relay-leases",
+                options=f"-c statement_timeout={timeout_ms} "
+                        + idle_transaction_limit(self._config.hold_limit))
             projection.prepare(self._conn)
             self._conn.commit()
             self._conn.execute(
@@ -332,10 +353,11 @@ class Finish:
 
 class ClusterLog:
     """The decisions every process may take and exactly one must: start a run, finish it.
-    One connection, kept (a broken one is dropped and made again at the next call)."""
+    One connection, kept (a broken one is dropped and made again at the next call); its
+    transactions take the head lock, so the server ends one idle `hold_limit` seconds."""
 
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+    def __init__(self, dsn: str, hold_limit: float = ClusterConfig().hold_limit) -> None:
+        self._dsn, self._hold_limit = dsn, hold_limit
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
 
@@ -434,7 +456,8 @@ class ClusterLog:
     def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._lock:
             if self._conn is None or self._conn.closed:
-                self._conn = connect(self._dsn, application_name="relay-cluster")
+                self._conn = connect(self._dsn, application_name="relay-cluster",
+                                     options=idle_transaction_limit(self._hold_limit))
                 projection.prepare(self._conn)
                 self._conn.commit()
             try:

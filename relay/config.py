@@ -149,6 +149,13 @@ class ClusterConfig:
     shards: int = 64
     lease_ttl: float = 10.0
 
+    @property
+    def hold_limit(self) -> float:
+        """How long a transaction of this process may sit idle holding locks the others
+        wait on before the server ends it: a paused process must not stall the cluster
+        beyond the time its own leases take to lapse."""
+        return self.lease_ttl / 2
+
 
 @dataclass(frozen=True)
 class RegistryConfig:

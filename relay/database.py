@@ -70,6 +70,9 @@ class RetryPauses:
 # SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (shutdown, terminated), 58 I/O.
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# And one code of another class: the server ended our transaction for sitting idle
+# (`idle_transaction_limit`): the connection is gone, the statement may be sent again.
+TRANSIENT_SQLSTATES = frozenset({"25P03"})
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -85,7 +88,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, psycopg.Error):
         return False
-    return (exc.sqlstate or "")[:2] in TRANSIENT_SQLSTATE_CLASSES
+    sqlstate = exc.sqlstate or ""
+    return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
 
 
 def first_line(exc: BaseException) -> str:
@@ -114,6 +118,16 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
     """A connection whose connect timeout is bounded: an unreachable server must not hang us."""
     kwargs.setdefault("connect_timeout", 10)
     return psycopg.connect(dsn, **kwargs)
+
+
+def idle_transaction_limit(seconds: float) -> str:
+    """`options` for a connection whose transactions take locks other relay processes
+    wait on (the log's head, shard rows): the server ends a transaction of it that sits
+    idle `seconds` between statements. The relay's own transactions never wait on
+    anything between their statements, so only a paused or frozen process (SIGSTOP, a
+    VM stall, a client gone quiet) gets there, and it must not stall every other
+    process on the database for longer than that."""
+    return f"-c idle_in_transaction_session_timeout={max(100, round(seconds * 1000))}"
 
 
 def with_dbname(dsn: str, dbname: str) -> str:

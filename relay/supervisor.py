@@ -33,6 +33,7 @@ from relay import environment, metrics
 from relay.apns.processes import ApnsProcessPool, NotificationClient, open_client
 from relay.cluster import ClusterLog, ClusterView, LeaseKeeper
 from relay.config import ApnsConfig, Config
+from relay.database import first_line, is_transient
 from relay.exits import ExitStatus
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ class Supervisor:
         config, dsn = self.config, self.dsn
         with contextlib.ExitStack() as started:
             apns = started.enter_context(environment.apns(config))
-            journal = Journal(dsn, unsettled=config.database.data_dir / UNSETTLED_BATCHES)
+            journal = Journal(dsn, unsettled=config.database.data_dir / UNSETTLED_BATCHES,
+                              hold_limit=config.cluster.hold_limit)
             journal.start()
             started.callback(journal.stop, JOURNAL_STOP_TIMEOUT)
             registry = RegistryHandle.start(journal, LogReader(dsn), config.registry)
@@ -207,6 +209,7 @@ class Supervisor:
         self.stopping.set()
         if self._parts is not None:
             self._parts.runner.request_stop()
+
     def _restart_pause(self, what: str) -> float | None:
         """The pause before restarting `what`; None (and a stop with status 1) when too fast."""
         with self._budget_lock:
@@ -220,12 +223,22 @@ class Supervisor:
             self.stop()
         return pause
 
+    def _pause_before_restart(self, what: str, then: str) -> bool:
+        """After `what` failed: wait out its restart pause; False when the budget is spent
+        (the supervisor is stopping with status 1)."""
+        pause = self._restart_pause(what)
+        if pause is None:
+            return False
+        log.warning("%s in %.1fs", then, pause)
+        self.stopping.wait(pause)
+        return True
+
     def _wakeups(self) -> None:
         """One run at a time, cluster-wide: the next starts `interval` after the previous
         one started (by the log), in whichever process finds it due first; the others
         join it."""
         progress = ProgressLogger(self.config.wakeup.progress_interval)
-        runs = ClusterLog(self.dsn)
+        runs = ClusterLog(self.dsn, self.config.cluster.hold_limit)
         try:
             self._drive(runs, progress)
         finally:
@@ -237,8 +250,15 @@ class Supervisor:
             try:
                 due = runs.next_due(interval)
             except psycopg.Error as exc:
-                log.warning("cannot ask the log whether a run is due (%s)", exc)
-                due = JOIN_POLL
+                if is_transient(exc):  # the database is away: ask again
+                    log.warning("cannot ask the log whether a run is due (%s)", first_line(exc))
+                    due = JOIN_POLL
+                else:  # refused (a privilege taken away, a broken schema): as a crash
+                    log.error("the log refused to say whether a run is due: %s",
+                              first_line(exc))
+                    if not self._pause_before_restart("the wakeup schedule", "asking again"):
+                        return
+                    continue
             if due > 0:
                 self.stopping.wait(min(due, JOIN_POLL))
                 continue
@@ -246,11 +266,8 @@ class Supervisor:
                 result = self.parts.runner.run_once(progress, force=False)
             except Exception:
                 log.exception("the wakeup run crashed")
-                pause = self._restart_pause("the wakeup run")
-                if pause is None:
+                if not self._pause_before_restart("the wakeup run", "resuming the wakeup run"):
                     return
-                log.warning("resuming the wakeup run in %.1fs", pause)
-                self.stopping.wait(pause)
                 continue
             if result.run is None:
                 continue  # none was due after all (another process's finished meanwhile)

@@ -90,6 +90,8 @@ def test_retry_pauses_jitter_from_400_ms_up_to_30_s_and_start_over_after_a_succe
     (psycopg.errors.DeadlockDetected("40P01"), True),
     (psycopg.errors.DiskFull("53100"), True),
     (psycopg.errors.AdminShutdown("57P01"), True),
+    (psycopg.errors.IdleInTransactionSessionTimeout("25P03: a paused process"), True),
+    (psycopg.errors.InFailedSqlTransaction("25P02: another code of that class"), False),
     (psycopg.errors.UndefinedTable("42P01: a programming error"), False),
     (psycopg.errors.InsufficientPrivilege("42501"), False),
     (psycopg.errors.SyntaxError("42601"), False),

@@ -403,3 +403,39 @@ def test_writers_taking_turns_stop_guessing_the_head_after_one_refusal(
     with psycopg.connect(dsn) as conn:
         tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
     assert tokens == [f"{i:064x}" for i in range(20)]
+
+
+def test_a_writer_paused_holding_the_head_lock_stalls_the_others_only_for_its_hold_limit(
+        dsn: str, fast_retries: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One relay process stopped (SIGSTOP, a VM stall) in the middle of an append holds
+    the log's head lock: the server ends its transaction after its hold limit, so another
+    process's append commits while it is still paused; resumed, its batch is written
+    again, once."""
+    paused, resume = threading.Event(), threading.Event()
+    encode = journal_module._event_columns
+
+    def pausing(*args: Any) -> Any:
+        if not paused.is_set():  # the first batch, after it took the head lock
+            paused.set()
+            resume.wait(60)
+        return encode(*args)
+
+    monkeypatch.setattr(journal_module, "_event_columns", pausing)
+    stalled, other = Journal(dsn, hold_limit=0.5), Journal(dsn)
+    stalled.start()
+    other.start()
+    try:
+        held = stalled.append([registered(1)])
+        assert paused.wait(10)
+        # Well within the 60 s the server allowed an idle transaction before.
+        assert other.append([registered(2)]).result(20) == [1]
+        assert not held.done(), "still paused"
+        resume.set()
+        assert held.result(20) == [2]
+    finally:
+        resume.set()
+        stalled.stop(5)
+        other.stop(5)
+    with psycopg.connect(dsn) as conn:
+        tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
+    assert tokens == [f"{i:064x}" for i in (2, 1)]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import apns_fixtures
+import psycopg
 import pytest
 from apns_fixtures import SimulatorFactory, token
 from relay_fixtures import events as read_events
@@ -26,6 +27,8 @@ from actors.registry import Registry
 from actors.sender import SenderShard
 from events import types as ev
 from events.journal import Journal
+from relay import supervisor as supervisor_module
+from relay.cluster import ClusterLog
 from relay.config import ApnsConfig, Config, DatabaseConfig, HttpConfig, WakeupConfig
 from relay.exits import ExitStatus
 from relay.simulator import ApnsSimulator
@@ -186,6 +189,36 @@ def test_crashes_faster_than_the_policy_allows_end_the_process_with_status_1(
     assert running.supervisor.stopping.is_set() and not running.supervisor.worker_alive()
     assert any(r.levelno == logging.CRITICAL and "exiting so that the service manager"
                in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+    (psycopg.errors.InsufficientPrivilege("permission denied for table runs"), False),
+])
+def test_a_schedule_the_log_refuses_counts_as_a_crash_an_outage_is_waited_out(
+        supervise: Supervise, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, error: psycopg.Error, retried: bool) -> None:
+    """Whether a run is due is asked of the log: while the database is away the question
+    is asked again, without end; a refusal (a privilege taken away) would be refused
+    forever, so it spends the restart budget and ends the process (status 1)."""
+    asked: list[float] = []
+
+    def failing(self: ClusterLog, interval: float) -> float:
+        asked.append(time.monotonic())
+        raise error
+
+    monkeypatch.setattr(ClusterLog, "next_due", failing)
+    monkeypatch.setattr(supervisor_module, "JOIN_POLL", 0.05)
+    running = supervise()
+    if retried:
+        _until(lambda: len(asked) > FAST.max_restarts + 2, "the question to be asked again")
+        assert not running.status.done()
+        assert running.finish() == ExitStatus.OK
+    else:
+        assert running.status.result(WAIT) == ExitStatus.FAILURE
+        assert len(asked) == FAST.max_restarts + 1
+        assert any("the log refused to say whether a run is due: permission denied"
+                   in r.getMessage() for r in caplog.records)
 
 
 def test_a_crashed_run_is_resumed_after_a_back_off_and_finishes(
