@@ -7,11 +7,13 @@ aiohttp, one INSERT ... ON CONFLICT and COMMIT per request, a pool of 16
 connections) runs as its own process on its own scratch database. The load comes
 from separate processes (aiohttp, keep-alive connections in a closed loop, fresh
 random tokens) over loopback; at each level of concurrent clients both servers get
-the same load for the same time, one after the other. A request counts when it
-answered 200, i.e. after its COMMIT; at the end the relay's log must hold one
-`device_registered` per counted request.
+the same load for the same time, in alternating slices (relay, naive, naive, relay,
+...: `--rounds` of each), so that a change in the shared machine's load between slices
+touches both alike. A request counts when it answered 200, i.e. after its COMMIT; at the
+end the relay's log must hold one `device_registered` per counted request.
 
-    python bench/api_registrations.py --peer naive [--clients 1 4 16 64] [--seconds 5]
+    python bench/api_registrations.py --peer naive [--clients 1 4 16 64] [--seconds 6]
+                                      [--rounds 3]
     python bench/api_registrations.py                # the relay alone
 
 ADMIN_DSN (--dsn; default $RELAY_TEST_DSN, else postgresql://postgres@127.0.0.1:5432/postgres)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,6 +122,24 @@ class Figures:
         return f"{self.rate:8.0f}/s  p50 {self.p50 * 1000:5.1f} ms  p99 {self.p99 * 1000:5.1f} ms"
 
 
+@dataclass
+class Slices:
+    """One server's measured slices at one level, pooled."""
+
+    loads: list[Load] = field(default_factory=list)
+    seconds: float = 0.0
+    cpu: float = 0.0  # the server's CPU seconds while it was loaded
+    events: float = 0.0  # the relay's: events and group commits in its slices
+    commits: float = 0.0
+
+    def figures(self) -> Figures:
+        latencies = [x for load in self.loads for x in load.latencies]
+        failures: Counter[str] = sum((load.failures for load in self.loads), Counter())
+        return Figures(len(latencies) / max(self.seconds, 1e-9), _percentile(latencies, 0.5),
+                       _percentile(latencies, 0.99), failures, len(latencies),
+                       self.events / max(1.0, self.commits))
+
+
 def _batches() -> tuple[float, float]:
     """(events, commits) the Journal of this process has committed so far."""
     total = count = 0.0
@@ -131,14 +152,17 @@ def _batches() -> tuple[float, float]:
     return total, count
 
 
-def _load(pool: multiprocessing.pool.Pool, url: str, clients: int, seconds: float) -> Figures:
+def _load(pool: multiprocessing.pool.Pool, url: str, clients: int, seconds: float,
+          cpu: Callable[[], float], into: Slices) -> None:
+    """One slice: `clients` on `url` for the warm-up, then `seconds` measured."""
     processes = min(MAX_LOAD_PROCESSES, clients)
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
-    loads = pool.starmap(_load_process, [(url, share, seconds) for share in shares])
-    latencies = [x for load in loads for x in load.latencies]
-    failures: Counter[str] = sum((load.failures for load in loads), Counter())
-    return Figures(len(latencies) / seconds, _percentile(latencies, 0.5),
-                   _percentile(latencies, 0.99), failures, len(latencies))
+    before, (events, commits) = cpu(), _batches()
+    into.loads += pool.starmap(_load_process, [(url, share, seconds) for share in shares])
+    into.cpu += cpu() - before
+    into.events += _batches()[0] - events
+    into.commits += _batches()[1] - commits
+    into.seconds += seconds
 
 
 @contextmanager
@@ -198,35 +222,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", default=os.environ.get("RELAY_TEST_DSN", DEFAULT_ADMIN_DSN))
     parser.add_argument("--peer", choices=["naive"], help="also load the naive endpoint")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured, per level")
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="measured per server and level, over all its slices")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="slices per server and level, alternating with the peer's")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be at least 1 and --seconds positive")
 
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     context = multiprocessing.get_context("spawn")
-    with migrated_database(args.dsn, "relay_bench") as dsn, \
-            context.Pool(MAX_LOAD_PROCESSES) as pool:
-        naive: dict[int, Figures] = {}
-        naive_cpu = 0.0
+    relay: dict[int, Slices] = {}
+    naive: dict[int, Slices] = {}
+    with contextlib.ExitStack() as running:
+        dsn = running.enter_context(migrated_database(args.dsn, "relay_bench"))
+        pool = running.enter_context(context.Pool(MAX_LOAD_PROCESSES))
+        servers = [("relay", running.enter_context(_relay(dsn)), _cpu_seconds, relay)]
         if args.peer == "naive":
-            with _naive(args.dsn) as (url, pid):
-                naive_cpu = _process_cpu(pid)
-                for clients in args.clients:
-                    naive[clients] = _load(pool, url, clients, args.seconds)
-                naive_cpu = _process_cpu(pid) - naive_cpu
-        relay: dict[int, Figures] = {}
-        with _relay(dsn) as url:
-            cpu = _cpu_seconds()
-            for clients in args.clients:
-                events, commits = _batches()
-                figures = _load(pool, url, clients, args.seconds)
-                events, commits = _batches()[0] - events, _batches()[1] - commits
-                relay[clients] = replace(figures, batch=events / max(1.0, commits))
-            cpu = _cpu_seconds() - cpu
+            url, pid = running.enter_context(_naive(args.dsn))
+            servers.append(("naive", url, lambda: _process_cpu(pid), naive))
+        slice_seconds = args.seconds / args.rounds
+        for clients in args.clients:
+            for round_ in range(args.rounds):
+                # relay, naive; then naive, relay: neither always goes first.
+                for _, url, cpu, figures in servers[::-1] if round_ % 2 else servers:
+                    _load(pool, url, clients, slice_seconds, cpu,
+                          figures.setdefault(clients, Slices()))
         with psycopg.connect(dsn) as conn:
             row = conn.execute(
                 "SELECT count(*) FROM events WHERE type = 'device_registered'").fetchone()
         logged = row[0] if row else 0
-    return _report(relay, naive, (cpu, naive_cpu), logged)
+    return _report({c: s.figures() for c, s in relay.items()},
+                   {c: s.figures() for c, s in naive.items()},
+                   (sum(s.cpu for s in relay.values()), sum(s.cpu for s in naive.values())),
+                   logged)
 
 
 def _report(relay: dict[int, Figures], naive: dict[int, Figures],
@@ -251,7 +280,7 @@ def _report(relay: dict[int, Figures], naive: dict[int, Figures],
                   f"{'met' if ok else 'NOT met'}")
     counted = sum(f.count for f in relay.values())
     failures = sum((f.failures for f in [*relay.values(), *naive.values()]), Counter())
-    print(f"server CPU per measured registration (warm-up included in the CPU): relay "
+    print(f"server CPU per measured registration (its slices' warm-ups included): relay "
           f"{cpu[0] / max(1, counted) * 1e6:.0f} us"
           + (f", naive {cpu[1] / max(1, sum(f.count for f in naive.values())) * 1e6:.0f} us "
              "(PostgreSQL not counted)" if naive else ""))
