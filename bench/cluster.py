@@ -47,7 +47,7 @@ import psycopg
 from bench.end_to_end import ROOT, TOPIC, postmaster_pid, seed_registry, tree_cpu
 from bench.journal import migrated_database, server
 from events import types as ev
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 from relay.simulator.cli import spawn
 
 INTERVAL = 3600  # wakeup.interval: long, so the measured run is the only one

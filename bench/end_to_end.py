@@ -7,7 +7,7 @@
 For each N: a scratch database (on a private PostgreSQL cluster started for the
 bench unless --dsn is given) is seeded with `bench.replay.realistic_log`'s events
 (registrations, optionally `--history-runs` finished runs before them) through
-`events.journal.append_bulk`: the Journal's format, hash chain and cache tables.
+`events.batch_sql.append_bulk`: the Journal's format, hash chain and cache tables.
 The APNs simulator starts as its own process, then the relay runs one wakeup as a
 separate process with a config file pointing at both. Printed per N:
 
@@ -45,7 +45,7 @@ import psycopg
 from bench.journal import migrated_database, server
 from bench.replay import realistic_log
 from events import types as ev
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 from relay.simulator.cli import spawn
 
 TOPIC = "org.example.bench"

@@ -3,7 +3,7 @@
     python -m bench.replay [--dsn SUPERUSER_DSN] [--events 1000000] [--tokens 100000]
 
 Seeds a scratch database (created and dropped; DSN as in bench/journal.py) with a
-realistic log through `events.journal.append_bulk` (the Journal's format, chain and
+realistic log through `events.batch_sql.append_bulk` (the Journal's format, chain and
 cache tables, 50,000 events per transaction), times `relay rebuild` of the cache
 tables, then `audit --verify --json` (hash chain, positions, columns against bodies,
 the fold, head and table comparison) twice: right after the bulk load (PostgreSQL's first
@@ -28,7 +28,7 @@ import psycopg
 from bench.journal import migrated_database, server
 from events import types as ev
 from events.audit import audit_main, rebuild_main
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 
 T0 = 1_760_000_000_000
 

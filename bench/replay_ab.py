@@ -21,7 +21,7 @@ import sys
 
 from bench.journal import migrated_database, server
 from bench.replay import realistic_log, settle
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 
 TIMED = (
     "import sys, time\n"

@@ -24,7 +24,7 @@ from bench.journal import migrated_database, server
 from bench.replay import settle
 from events import types as ev
 from events.audit import audit_main
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 
 T0 = 1_760_000_000_000
 HOUR = 3_600_000

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from events import types as ev
-from events.journal import append_first
+from events.batch_sql import append_first
 from relay.database import connect
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ queued (up to `max_batch` events) and writes it in ONE transaction:
 
 A small batch (up to INSERT_MAX_EVENTS events, the usual case) skips both COPYs: after
 the head lock, its events, its cache upserts and its batch record are ONE statement
-(`_one_statement`) with binary column arrays, pipelined with COMMIT.
+with binary column arrays, pipelined with COMMIT (the SQL of both ways: events/batch_sql.py).
 
 One commit per batch instead of per event is what makes the log fast (the fsync is
 shared); appenders that arrive while a transaction runs form the next batch. The
@@ -56,34 +56,27 @@ the next start looks each id up and says what became of it (the log itself needs
 nothing: a committed batch is in it, an uncommitted one is not, and a resumed run
 sends again whatever has no outcome).
 
-One module past 500 lines, for one idea: a batch's way into the log. Encoding, the
-transaction, the decision under the head lock, the retry and the COMMIT in doubt all
-lean on one another's invariants (the head lock, the batch id, the order of batches);
-`append_bulk` and `append_first` are the same write for seeding and for the log's
-first event.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import struct
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import psycopg
 
-from events import arrays, codec, projection
+from events import arrays, batch_sql, codec, projection
 from events import types as ev
-from events.types import EVENT_TYPES, Event
+from events.types import Event
 from relay import metrics
 from relay.config import ClusterConfig
 from relay.database import (
@@ -112,11 +105,6 @@ MAX_BATCH = 4000
 # How long the writer may stay idle before it checks that the database still answers
 # (/health must turn 503 within 5 s of losing it when nothing is written).
 PROBE_EVERY = 1.0
-# Events per transaction of `append_bulk`.
-BULK_CHUNK = 50_000
-# Events per chunk written to the COPY stream (about 45 KB): the server stores one
-# chunk while the writer hashes the next.
-COPY_CHUNK_EVENTS = 128
 # SQLSTATE of cluster_fence's refusal (schema/006_cluster.sql).
 FENCE_SQLSTATE = "RL001"
 # After another writer moved the head under a one-round-trip write, the next small batches
@@ -124,21 +112,6 @@ FENCE_SQLSTATE = "RL001"
 # mostly moves between our commits, so guessing it would cost a refused round trip (and
 # psycopg's warning about the aborted pipeline) per batch.
 SHARED_HEAD_REST = 1.0
-_COPY_EVENTS = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
-# Batches of at most this many events go in with one INSERT inside the commit's pipeline
-# instead of a COPY (a COPY cannot be pipelined): two round trips fewer, which is most of
-# what a lone request waits for on a busy machine. Beyond it, COPY's lower cost per
-# event wins.
-INSERT_MAX_EVENTS = 64
-_INSERT_EVENTS = ("INSERT INTO events (position, type, token, run, body, hash)"
-                  " SELECT * FROM unnest(%b::int8[], %b::text[], %b::text[], %b::int8[],"
-                  " %b::bytea[], %b::bytea[])")
-_RECORD_BATCH = ("INSERT INTO journal_batches (batch, first_position, last_position)"
-                 " VALUES (%s, %s, %s)")
-_ROW_START = struct.Struct(">hiq").pack  # 6 fields, then the position (8 bytes)
-_INT4 = struct.Struct(">i").pack
-_HASH_LENGTH = _INT4(32)
-_TYPE_FIELDS = {type_: codec.copy_text(type_) for type_ in EVENT_TYPES}
 
 
 class JournalStopped(RuntimeError):
@@ -155,21 +128,13 @@ class JournalError(RuntimeError):
     """The database refused the batch for a reason retrying cannot cure (a bug, or tampering)."""
 
 
-class _Encoded(NamedTuple):
-    type: str
-    data: Any
-    prefix: bytes  # canonical bytes before the position's digits
-    suffix: bytes  # and after them
-    columns: bytes  # the type, token and run fields of its COPY row
-
-
 # A registration-dependent decision: (active, registered_at_ms) -> the event, or None.
 Decide = Callable[[bool, "int | None"], "Event | None"]
 
 
 @dataclass
 class _Request:
-    events: list[_Encoded]
+    events: list[batch_sql.Encoded]
     future: Future[Any]  # positions; for a decision, the event decided (or None)
     enqueued: float
     decide: tuple[str, Decide] | None = None  # (token, rule), decided under the head lock
@@ -178,56 +143,7 @@ class _Request:
     refused: int = 0  # events fenced out: a shard's epoch had moved on
 
 
-def _copy_events(cur: psycopg.Cursor[Any], events: Sequence[_Encoded], head: int,
-                 previous: bytes) -> tuple[int, bytes, projection.BatchPatch]:
-    """COPY events after the locked head (position `head`, hash `previous`); returns the
-    last position and hash and the batch's patch of the cache tables, still to be applied."""
-    position = head
-    sha256, start, int4 = codec.chain_hash, _ROW_START, _INT4
-    with cur.copy(_COPY_EVENTS) as copy:
-        # Sent chunk by chunk as the chain is computed, and the projection patch
-        # folded before the copy ends: the server stores rows meanwhile.
-        rows = [codec.COPY_SIGNATURE]
-        for event in events:
-            position += 1
-            body = b"%s%d%s" % (event.prefix, position, event.suffix)
-            previous = sha256(previous, body)
-            rows += (start(6, 8, position), event.columns, int4(len(body)), body,
-                     _HASH_LENGTH, previous)
-            if len(rows) >= 6 * COPY_CHUNK_EVENTS:  # 6 parts per event
-                copy.write(b"".join(rows))
-                rows.clear()
-        rows.append(codec.COPY_TRAILER)
-        copy.write(b"".join(rows))
-        patch = projection.BatchPatch((event.type, event.data) for event in events)
-    return position, previous, patch
-
-
-def _event_columns(events: Sequence[_Encoded], head: int, previous: bytes
-                   ) -> tuple[int, bytes, projection.BatchPatch, list[arrays.BinaryArray]]:
-    """`_copy_events` for `_INSERT_EVENTS`: the last position and hash, the patch (its
-    rows inline), and the events as column arrays (position, type, token, run, body, hash)."""
-    positions, types, tokens, runs, bodies, hashes = [], [], [], [], [], []
-    position, sha256 = head, codec.chain_hash
-    int8, text, field = codec.copy_int8, codec.copy_text, codec.copy_bytes
-    for event in events:
-        position += 1
-        body = b"%s%d%s" % (event.prefix, position, event.suffix)
-        previous = sha256(previous, body)
-        positions.append(int8(position))
-        types.append(_TYPE_FIELDS[event.type])
-        tokens.append(text(event.data.get("token")))
-        runs.append(int8(event.data.get("run")))
-        bodies.append(field(body))
-        hashes.append(field(previous))
-    patch = projection.BatchPatch(((event.type, event.data) for event in events), inline=True)
-    columns = [arrays.array(arrays.Int8Array, positions), arrays.array(arrays.TextArray, types),
-               arrays.array(arrays.TextArray, tokens), arrays.array(arrays.Int8Array, runs),
-               arrays.array(arrays.ByteaArray, bodies), arrays.array(arrays.ByteaArray, hashes)]
-    return position, previous, patch, columns
-
-
-def _fences(events: Sequence[_Encoded]) -> frozenset[ev.Fence]:
+def _fences(events: Sequence[batch_sql.Encoded]) -> frozenset[ev.Fence]:
     return frozenset(fence for event in events if (fence := ev.fence_of(event.data)))
 
 
@@ -250,18 +166,6 @@ def _refuse_stale(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
             request.refused, request.events = len(request.events), []
 
 
-def _one_statement(rows: list[arrays.BinaryArray], patch: projection.BatchPatch,
-                   record: list[Any]) -> tuple[str, list[Any]]:
-    """A small batch's writes as ONE statement: the cache upserts and the batch record
-    as data-modifying WITH parts of the events INSERT. Each statement is a send, a
-    result to process and, on a busy process, a wait for the GIL after its poll; the
-    insert trigger still runs at the end of the statement, after every part."""
-    parts = [*patch.statements(), (_RECORD_BATCH, record)]
-    text = "WITH " + ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
-    params = [param for _, values in parts for param in values]
-    return f"{text} {_INSERT_EVENTS}", params + rows
-
-
 def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
     """Decide the batch's conditional events (under the head lock): each sees the
     devices table as committed, overlaid with the events before it in the batch."""
@@ -274,7 +178,8 @@ def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
         if request.decide is not None:
             token, decide = request.decide
             request.decided = decide(*state.get(token, (False, None)))
-            request.events = [] if request.decided is None else [_encode(request.decided)]
+            decided = request.decided
+            request.events = [] if decided is None else [batch_sql.encode(decided)]
         for event in request.events:
             token = event.data.get("token")
             if token is None:
@@ -283,71 +188,6 @@ def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
                 state[token] = (True, projection.time_ms(event.data["at"]))
             elif event.type == ev.DEVICE_UNREGISTERED:
                 state[token] = (False, state.get(token, (False, None))[1])
-
-
-def _encode(event: Event) -> _Encoded:
-    """Checked and encoded in the appender's thread: canonical bytes around the position."""
-    codec.check_event(event)
-    prefix, suffix = codec.template(event.type, event.data)
-    columns = (_TYPE_FIELDS[event.type] + codec.copy_text(event.data.get("token"))
-               + codec.copy_int8(event.data.get("run")))
-    return _Encoded(event.type, event.data, prefix, suffix, columns)
-
-
-def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -> int:
-    """Append many events at once (seeding a log, benchmarks); returns how many.
-
-    The Journal's format, chain, head lock and cache tables, `chunk` events per
-    transaction, without group commit or retries. Safe next to a running Journal (the
-    head lock orders them); a failure leaves the chunks committed before it.
-    """
-    appended = 0
-    with connect(dsn, application_name="relay-append-bulk") as conn:
-        projection.prepare(conn)
-        encoded = (_encode(event) for event in events)
-        while batch := list(itertools.islice(encoded, chunk)):
-            with conn.cursor() as cur:
-                row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
-                assert row is not None, "log_head has exactly one row"
-                _, _, patch = _copy_events(cur, batch, row[0], row[1])
-                patch.copy(cur)
-                patch.merge(cur)
-            conn.commit()
-            appended += len(batch)
-    return appended
-
-
-def lock_head(cur: psycopg.Cursor[Any]) -> tuple[int, bytes]:
-    """Take the head lock in the caller's transaction: the head's (position, hash)."""
-    row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
-    assert row is not None, "log_head has exactly one row"
-    return int(row[0]), bytes(row[1])
-
-
-def append_locked(cur: psycopg.Cursor[Any], events: Sequence[Event],
-                  head: tuple[int, bytes]) -> None:
-    """Append `events` after `head` in the caller's transaction, which holds the head
-    lock (`lock_head`) and whose connection was `projection.prepare`d: for decisions
-    taken with other rows in the same transaction (relay/cluster.py)."""
-    if events:
-        _, _, patch = _copy_events(cur, [_encode(event) for event in events], *head)
-        patch.copy(cur)
-        patch.merge(cur)
-
-
-def append_first(dsn: str, event: Event) -> bool:
-    """Append `event` as the log's first event if the log is empty; True if it did. The
-    head lock decides, so of processes starting together exactly one writes it."""
-    encoded = [_encode(event)]
-    with connect(dsn, application_name="relay-create-log") as conn:
-        with conn.cursor() as cur:
-            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
-            assert row is not None, "log_head has exactly one row"
-            if row[0] != 0:
-                return False
-            _copy_events(cur, encoded, row[0], row[1])
-        conn.commit()
-    return True
 
 
 class Journal:
@@ -434,7 +274,7 @@ class Journal:
         """
         future: Future[list[int]] = Future()
         try:
-            encoded = [_encode(event) for event in events]
+            encoded = [batch_sql.encode(event) for event in events]
         except codec.EventEncodingError as exc:
             future.set_exception(exc)
             return future
@@ -613,7 +453,7 @@ class Journal:
         self._commit_sent = False
         deciding = any(request.decide is not None for request in batch)
         events = [event for request in batch for event in request.events]
-        small = len(events) <= INSERT_MAX_EVENTS and not deciding
+        small = len(events) <= batch_sql.INSERT_MAX_EVENTS and not deciding
         known, self._head = (None if retrying else self._head), None
         with conn.cursor() as cur:
             if known is not None and small and time.monotonic() >= self._guess_head_after:
@@ -659,16 +499,17 @@ class Journal:
             return self._write_events(conn, cur, events, batch_id, head, locked=True)
 
     def _write_events(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
-                      events: list[_Encoded], batch_id: uuid.UUID, head: tuple[int, bytes], *,
+                      events: list[batch_sql.Encoded], batch_id: uuid.UUID,
+                      head: tuple[int, bytes], *,
                       locked: bool, fences: tuple[list[int], list[int]] | None = None) -> int:
         """The batch after `head`, up to COMMIT; `locked`: the head lock is already ours
         (else `fences`, the batch's shards and epochs, are checked after taking it)."""
         first = head[0] + 1
         rows: list[arrays.BinaryArray] | None = None
-        if len(events) <= INSERT_MAX_EVENTS:
-            position, last, patch, rows = _event_columns(events, *head)
+        if len(events) <= batch_sql.INSERT_MAX_EVENTS:
+            position, last, patch, rows = batch_sql.event_columns(events, *head)
         else:
-            position, last, patch = _copy_events(cur, events, *head)
+            position, last, patch = batch_sql.copy_events(cur, events, *head)
             patch.copy(cur)
         # The rest returns nothing: one round trip up to and including COMMIT, whose
         # fate is in doubt from here if the connection is lost before its answer.
@@ -679,10 +520,10 @@ class Journal:
                 if fences is not None:
                     cur.execute("SELECT cluster_fence(%s::int4[], %s::int8[])", fences)
             if rows is not None:
-                cur.execute(*_one_statement(rows, patch, [batch_id, first, position]))
+                cur.execute(*batch_sql.one_statement(rows, patch, [batch_id, first, position]))
             else:
                 patch.merge(cur)
-                cur.execute(_RECORD_BATCH, (batch_id, first, position))
+                cur.execute(batch_sql.RECORD_BATCH_SQL, (batch_id, first, position))
             self._batches += 1
             if self._batches % PRUNE_EVERY == 0:
                 cur.execute("DELETE FROM journal_batches"

@@ -47,7 +47,7 @@ import psycopg
 
 from events import projection
 from events import types as ev
-from events.journal import append_locked, lock_head
+from events.batch_sql import append_locked, lock_head
 from events.store import RunRecord
 from relay import metrics
 from relay.config import ClusterConfig

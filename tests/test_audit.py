@@ -14,7 +14,8 @@ from events import audit
 from events import replay as replay_engine
 from events import types as ev
 from events.audit import audit_main, rebuild_main
-from events.journal import Journal, append_bulk
+from events.batch_sql import append_bulk
+from events.journal import Journal
 from relay.database import connect
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20.000Z

@@ -14,7 +14,7 @@ import pytest
 from events import codec
 from events import types as ev
 from events.audit import audit_main
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 
 T0 = 1_760_000_000_000
 A = "aa" * 32

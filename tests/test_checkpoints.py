@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from events import checkpoint, codec
 from events import types as ev
 from events.audit import audit_main, rebuild_main
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 
 T0 = 1_760_000_000_000
 TOKENS = [f"{i:064x}" for i in range(1, 6)]

@@ -21,7 +21,8 @@ from actors.delivery import DeadVerdict
 from actors.registry import RegistryHandle
 from events import journal as journal_module
 from events import types as ev
-from events.journal import Journal, append_bulk
+from events.batch_sql import append_bulk
+from events.journal import Journal
 from events.store import LogReader
 from relay.config import RegistryConfig
 
@@ -33,7 +34,7 @@ WAIT = 15.0
 OTHER_PROCESS = textwrap.dedent("""
     import sys
     import psycopg
-    from events import journal, projection, types as ev
+    from events import batch_sql, projection, types as ev
     with psycopg.connect(sys.argv[1]) as conn:
         projection.prepare(conn)
         with conn.cursor() as cur:
@@ -41,8 +42,8 @@ OTHER_PROCESS = textwrap.dedent("""
                 "SELECT position, hash FROM log_head FOR UPDATE").fetchone()
             print("locked", flush=True)
             sys.stdin.readline()
-            encoded = [journal._encode(ev.device_registered(sys.argv[2], ev.now_ms()))]
-            _, _, patch = journal._copy_events(cur, encoded, head, previous)
+            encoded = [batch_sql.encode(ev.device_registered(sys.argv[2], ev.now_ms()))]
+            _, _, patch = batch_sql.copy_events(cur, encoded, head, previous)
             patch.copy(cur)
             patch.merge(cur)
         conn.commit()

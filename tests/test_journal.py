@@ -14,10 +14,11 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
-from events import codec
+from events import batch_sql, codec
 from events import journal as journal_module
 from events import types as ev
-from events.journal import Journal, JournalError, JournalStopped, append_bulk
+from events.batch_sql import append_bulk
+from events.journal import Journal, JournalError, JournalStopped
 from relay import database
 
 TOKEN = "ab" * 32
@@ -412,7 +413,7 @@ def test_a_writer_paused_holding_the_head_lock_stalls_the_others_only_for_its_ho
     process's append commits while it is still paused; resumed, its batch is written
     again, once."""
     paused, resume = threading.Event(), threading.Event()
-    encode = journal_module._event_columns
+    encode = batch_sql.event_columns
 
     def pausing(*args: Any) -> Any:
         if not paused.is_set():  # the first batch, after it took the head lock
@@ -420,7 +421,7 @@ def test_a_writer_paused_holding_the_head_lock_stalls_the_others_only_for_its_ho
             resume.wait(60)
         return encode(*args)
 
-    monkeypatch.setattr(journal_module, "_event_columns", pausing)
+    monkeypatch.setattr(batch_sql, "event_columns", pausing)
     stalled, other = Journal(dsn, hold_limit=0.5), Journal(dsn)
     stalled.start()
     other.start()

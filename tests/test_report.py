@@ -13,7 +13,7 @@ from browser import open_in_chromium
 
 from events import types as ev
 from events.audit import audit_main
-from events.journal import append_bulk
+from events.batch_sql import append_bulk
 from events.report_data import fold_rows
 from relay.tokens import redact
 

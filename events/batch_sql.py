@@ -1,0 +1,185 @@
+"""A batch of events as SQL: the encoding around each event's position, the hash chain,
+and the two ways into the events table, with the batch's patch of the cache tables
+(events/projection.py).
+
+* A binary COPY (`copy_events`), for batches larger than INSERT_MAX_EVENTS; the patch
+  then follows by its own COPY and MERGE.
+* One INSERT of binary column arrays (`event_columns`, `one_statement`), for small
+  batches: the cache upserts and the batch record are data-modifying WITH parts of it,
+  so it can be pipelined with the COMMIT.
+
+The Journal (events/journal.py) decides when each is used, under the head lock, and
+retries; the writes without a Journal are here too: seeding a log (`append_bulk`), the
+log's first event (`append_first`) and an append inside another transaction that holds
+the head lock (`lock_head`, `append_locked`, for relay/cluster.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import psycopg
+
+from events import arrays, codec, projection
+from events.types import EVENT_TYPES, Event
+from relay.database import connect
+
+# Events per transaction of `append_bulk`.
+BULK_CHUNK = 50_000
+# Events per chunk written to the COPY stream (about 45 KB): the server stores one
+# chunk while the writer hashes the next.
+COPY_CHUNK_EVENTS = 128
+COPY_EVENTS_SQL = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
+# Batches of at most this many events go in with one INSERT inside the commit's pipeline
+# instead of a COPY (a COPY cannot be pipelined): two round trips fewer, which is most of
+# what a lone request waits for on a busy machine. Beyond it, COPY's lower cost per
+# event wins.
+INSERT_MAX_EVENTS = 64
+INSERT_EVENTS_SQL = ("INSERT INTO events (position, type, token, run, body, hash)"
+                     " SELECT * FROM unnest(%b::int8[], %b::text[], %b::text[], %b::int8[],"
+                     " %b::bytea[], %b::bytea[])")
+RECORD_BATCH_SQL = ("INSERT INTO journal_batches (batch, first_position, last_position)"
+                    " VALUES (%s, %s, %s)")
+_ROW_START = struct.Struct(">hiq").pack  # 6 fields, then the position (8 bytes)
+_INT4 = struct.Struct(">i").pack
+_HASH_LENGTH = _INT4(32)
+_TYPE_FIELDS = {type_: codec.copy_text(type_) for type_ in EVENT_TYPES}
+
+
+class Encoded(NamedTuple):
+    """An event checked and encoded in its appender's thread, before its position is known."""
+
+    type: str
+    data: Any
+    prefix: bytes  # canonical bytes before the position's digits
+    suffix: bytes  # and after them
+    columns: bytes  # the type, token and run fields of its COPY row
+
+
+def copy_events(cur: psycopg.Cursor[Any], events: Sequence[Encoded], head: int,
+                 previous: bytes) -> tuple[int, bytes, projection.BatchPatch]:
+    """COPY events after the locked head (position `head`, hash `previous`); returns the
+    last position and hash and the batch's patch of the cache tables, still to be applied."""
+    position = head
+    sha256, start, int4 = codec.chain_hash, _ROW_START, _INT4
+    with cur.copy(COPY_EVENTS_SQL) as copy:
+        # Sent chunk by chunk as the chain is computed, and the projection patch
+        # folded before the copy ends: the server stores rows meanwhile.
+        rows = [codec.COPY_SIGNATURE]
+        for event in events:
+            position += 1
+            body = b"%s%d%s" % (event.prefix, position, event.suffix)
+            previous = sha256(previous, body)
+            rows += (start(6, 8, position), event.columns, int4(len(body)), body,
+                     _HASH_LENGTH, previous)
+            if len(rows) >= 6 * COPY_CHUNK_EVENTS:  # 6 parts per event
+                copy.write(b"".join(rows))
+                rows.clear()
+        rows.append(codec.COPY_TRAILER)
+        copy.write(b"".join(rows))
+        patch = projection.BatchPatch((event.type, event.data) for event in events)
+    return position, previous, patch
+
+
+def event_columns(events: Sequence[Encoded], head: int, previous: bytes
+                   ) -> tuple[int, bytes, projection.BatchPatch, list[arrays.BinaryArray]]:
+    """`copy_events` for `INSERT_EVENTS_SQL`: the last position and hash, the patch (its
+    rows inline), and the events as column arrays (position, type, token, run, body, hash)."""
+    positions, types, tokens, runs, bodies, hashes = [], [], [], [], [], []
+    position, sha256 = head, codec.chain_hash
+    int8, text, field = codec.copy_int8, codec.copy_text, codec.copy_bytes
+    for event in events:
+        position += 1
+        body = b"%s%d%s" % (event.prefix, position, event.suffix)
+        previous = sha256(previous, body)
+        positions.append(int8(position))
+        types.append(_TYPE_FIELDS[event.type])
+        tokens.append(text(event.data.get("token")))
+        runs.append(int8(event.data.get("run")))
+        bodies.append(field(body))
+        hashes.append(field(previous))
+    patch = projection.BatchPatch(((event.type, event.data) for event in events), inline=True)
+    columns = [arrays.array(arrays.Int8Array, positions), arrays.array(arrays.TextArray, types),
+               arrays.array(arrays.TextArray, tokens), arrays.array(arrays.Int8Array, runs),
+               arrays.array(arrays.ByteaArray, bodies), arrays.array(arrays.ByteaArray, hashes)]
+    return position, previous, patch, columns
+
+
+def one_statement(rows: list[arrays.BinaryArray], patch: projection.BatchPatch,
+                   record: list[Any]) -> tuple[str, list[Any]]:
+    """A small batch's writes as ONE statement: the cache upserts and the batch record
+    as data-modifying WITH parts of the events INSERT. Each statement is a send, a
+    result to process and, on a busy process, a wait for the GIL after its poll; the
+    insert trigger still runs at the end of the statement, after every part."""
+    parts = [*patch.statements(), (RECORD_BATCH_SQL, record)]
+    text = "WITH " + ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
+    params = [param for _, values in parts for param in values]
+    return f"{text} {INSERT_EVENTS_SQL}", params + rows
+
+
+def encode(event: Event) -> Encoded:
+    """Checked and encoded in the appender's thread: canonical bytes around the position."""
+    codec.check_event(event)
+    prefix, suffix = codec.template(event.type, event.data)
+    columns = (_TYPE_FIELDS[event.type] + codec.copy_text(event.data.get("token"))
+               + codec.copy_int8(event.data.get("run")))
+    return Encoded(event.type, event.data, prefix, suffix, columns)
+
+
+def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -> int:
+    """Append many events at once (seeding a log, benchmarks); returns how many.
+
+    The Journal's format, chain, head lock and cache tables, `chunk` events per
+    transaction, without group commit or retries. Safe next to a running Journal (the
+    head lock orders them); a failure leaves the chunks committed before it.
+    """
+    appended = 0
+    with connect(dsn, application_name="relay-append-bulk") as conn:
+        projection.prepare(conn)
+        encoded = (encode(event) for event in events)
+        while batch := list(itertools.islice(encoded, chunk)):
+            with conn.cursor() as cur:
+                row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+                assert row is not None, "log_head has exactly one row"
+                _, _, patch = copy_events(cur, batch, row[0], row[1])
+                patch.copy(cur)
+                patch.merge(cur)
+            conn.commit()
+            appended += len(batch)
+    return appended
+
+
+def lock_head(cur: psycopg.Cursor[Any]) -> tuple[int, bytes]:
+    """Take the head lock in the caller's transaction: the head's (position, hash)."""
+    row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+    assert row is not None, "log_head has exactly one row"
+    return int(row[0]), bytes(row[1])
+
+
+def append_locked(cur: psycopg.Cursor[Any], events: Sequence[Event],
+                  head: tuple[int, bytes]) -> None:
+    """Append `events` after `head` in the caller's transaction, which holds the head
+    lock (`lock_head`) and whose connection was `projection.prepare`d: for decisions
+    taken with other rows in the same transaction (relay/cluster.py)."""
+    if events:
+        _, _, patch = copy_events(cur, [encode(event) for event in events], *head)
+        patch.copy(cur)
+        patch.merge(cur)
+
+
+def append_first(dsn: str, event: Event) -> bool:
+    """Append `event` as the log's first event if the log is empty; True if it did. The
+    head lock decides, so of processes starting together exactly one writes it."""
+    encoded = [encode(event)]
+    with connect(dsn, application_name="relay-create-log") as conn:
+        with conn.cursor() as cur:
+            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
+            assert row is not None, "log_head has exactly one row"
+            if row[0] != 0:
+                return False
+            copy_events(cur, encoded, row[0], row[1])
+        conn.commit()
+    return True
