@@ -146,7 +146,7 @@ def test_a_process_paused_holding_the_head_lock_delays_takes_never_renewals(
     """Another process stopped in the middle of an append holds the log's head lock (here:
     a transaction left open). Taking the shards of a process whose leases expired waits
     for that lock, briefly; renewing the shards held never waits for it."""
-    config = ClusterConfig(shards=4, lease_ttl=1.0)
+    config = ClusterConfig(shards=4, lease_ttl=2.0)
     stuck, other = (LeaseKeeper(dsn, config, _member(n)) for n in ("stuck", "other"))
     stuck.renew()
     other.renew()  # two members: a share of 2 each, all 4 still the stuck one's
