@@ -29,9 +29,6 @@ from relay.database import connect
 
 # Events per transaction of `append_bulk`.
 BULK_CHUNK = 50_000
-# Events per chunk written to the COPY stream (about 45 KB): the server stores one
-# chunk while the writer hashes the next.
-COPY_CHUNK_EVENTS = 128
 COPY_EVENTS_SQL = "COPY events (position, type, token, run, body, hash) FROM STDIN (FORMAT BINARY)"
 # Batches of at most this many events go in with one INSERT inside the commit's pipeline
 # instead of a COPY (a COPY cannot be pipelined): two round trips fewer, which is most of
@@ -65,22 +62,21 @@ def copy_events(cur: psycopg.Cursor[Any], events: Sequence[Encoded], head: int,
     last position and hash and the batch's patch of the cache tables, still to be applied."""
     position = head
     sha256, start, int4 = codec.chain_hash, _ROW_START, _INT4
+    # Every row is built before the COPY starts, and sent in one write: PostgreSQL does not
+    # time a COPY that waits for its client's rows (neither statement_timeout nor the idle
+    # limit ends it), so a process paused while streaming rows would hold the head lock
+    # until it resumed; paused between statements, its transaction ends at its hold limit.
+    rows = [codec.COPY_SIGNATURE]
+    for event in events:
+        position += 1
+        body = b"%s%d%s" % (event.prefix, position, event.suffix)
+        previous = sha256(previous, body)
+        rows += (start(6, 8, position), event.columns, int4(len(body)), body,
+                 _HASH_LENGTH, previous)
+    rows.append(codec.COPY_TRAILER)
+    patch = projection.BatchPatch((event.type, event.data) for event in events)
     with cur.copy(COPY_EVENTS_SQL) as copy:
-        # Sent chunk by chunk as the chain is computed, and the projection patch
-        # folded before the copy ends: the server stores rows meanwhile.
-        rows = [codec.COPY_SIGNATURE]
-        for event in events:
-            position += 1
-            body = b"%s%d%s" % (event.prefix, position, event.suffix)
-            previous = sha256(previous, body)
-            rows += (start(6, 8, position), event.columns, int4(len(body)), body,
-                     _HASH_LENGTH, previous)
-            if len(rows) >= 6 * COPY_CHUNK_EVENTS:  # 6 parts per event
-                copy.write(b"".join(rows))
-                rows.clear()
-        rows.append(codec.COPY_TRAILER)
         copy.write(b"".join(rows))
-        patch = projection.BatchPatch((event.type, event.data) for event in events)
     return position, previous, patch
 
 

@@ -406,37 +406,47 @@ def test_writers_taking_turns_stop_guessing_the_head_after_one_refusal(
     assert tokens == [f"{i:064x}" for i in range(20)]
 
 
+@pytest.mark.parametrize("where", ["small batch", "COPY batch"])
 def test_a_writer_paused_holding_the_head_lock_stalls_the_others_only_for_its_hold_limit(
-        dsn: str, fast_retries: None, monkeypatch: pytest.MonkeyPatch) -> None:
+        dsn: str, fast_retries: None, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """One relay process stopped (SIGSTOP, a VM stall) in the middle of an append holds
-    the log's head lock: the server ends its transaction after its hold limit, so another
-    process's append commits while it is still paused; resumed, its batch is written
-    again, once."""
+    the log's head lock: the server ends its transaction after its hold limit (idle
+    between statements, or a COPY waiting for rows), so another process's append commits
+    while it is still paused; resumed, its batch is written again, once."""
     paused, resume = threading.Event(), threading.Event()
-    encode = batch_sql.event_columns
+    if where == "small batch":  # one statement, after the head lock
+        stalled_events = [registered(1)]
+        patched, target = batch_sql, "event_columns"
+        calls_before_pause = 0
+    else:  # a batch past INSERT_MAX_EVENTS goes by COPY, paused while hashing its rows
+        stalled_events = [registered(i) for i in range(1, batch_sql.INSERT_MAX_EVENTS + 40)]
+        patched, target = codec, "chain_hash"
+        calls_before_pause = 30
+    original, calls = getattr(patched, target), [0]
 
     def pausing(*args: Any) -> Any:
-        if not paused.is_set():  # the first batch, after it took the head lock
+        calls[0] += 1
+        if calls[0] > calls_before_pause and not paused.is_set():
             paused.set()
             resume.wait(60)
-        return encode(*args)
+        return original(*args)
 
-    monkeypatch.setattr(batch_sql, "event_columns", pausing)
+    monkeypatch.setattr(patched, target, pausing)
     stalled, other = Journal(dsn, hold_limit=0.5), Journal(dsn)
     stalled.start()
     other.start()
     try:
-        held = stalled.append([registered(1)])
+        held = stalled.append(stalled_events)
         assert paused.wait(10)
-        # Well within the 60 s the server allowed an idle transaction before.
-        assert other.append([registered(2)]).result(20) == [1]
+        # The server ends the paused transaction (at 0.5 s), and the other commits first.
+        assert other.append([registered(0)]).result(20) == [1]
         assert not held.done(), "still paused"
         resume.set()
-        assert held.result(20) == [2]
+        assert held.result(20) == list(range(2, len(stalled_events) + 2))
     finally:
         resume.set()
         stalled.stop(5)
         other.stop(5)
     with psycopg.connect(dsn) as conn:
         tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
-    assert tokens == [f"{i:064x}" for i in (2, 1)]
+    assert tokens == [f"{i:064x}" for i in range(len(stalled_events) + 1)]
