@@ -83,8 +83,8 @@ from relay.database import (
     RetryPauses,
     connect,
     first_line,
+    idle_transaction_limit,
     is_transient,
-    lock_holder_options,
 )
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,8 @@ class Journal:
                  hold_limit: float = ClusterConfig().hold_limit) -> None:
         """`max_delay`: extra seconds to wait for a batch to fill after its first request;
         0 (no wait) serves every load best, larger values only help tests hold a batch.
-        `hold_limit`: the server ends a transaction of ours idle this long, or a statement
-        running this long (a COPY waiting for our rows), while it holds the head lock (this
-        process paused): every writer on the database waits on it."""
+        `hold_limit`: the server ends a transaction of ours idle this long while it holds
+        the head lock (this process paused): every writer on the database waits on it."""
         self._dsn = dsn
         self._hold_limit = hold_limit
         self._unsettled = unsettled  # where batch ids whose COMMIT is in doubt are kept
@@ -421,7 +420,7 @@ class Journal:
         if self._conn is None:
             self._conn = connect(
                 self._dsn, application_name="relay-journal", **KEEPALIVES,
-                options=lock_holder_options(self._hold_limit),
+                options=idle_transaction_limit(self._hold_limit),
             )
             projection.prepare(self._conn)
         return self._conn

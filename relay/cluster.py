@@ -51,7 +51,7 @@ from events.batch_sql import append_locked, lock_head
 from events.store import RunRecord
 from relay import metrics
 from relay.config import ClusterConfig
-from relay.database import connect, first_line, lock_holder_options
+from relay.database import connect, first_line, idle_transaction_limit
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +298,13 @@ class LeaseKeeper:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            # No statement may outlast a round (`round_timeout` is the hold limit): a
-            # blocked one is a failed renewal, and the leases lapse by this process's
-            # clock meanwhile.
-            self._conn = connect(self._dsn, application_name="relay-leases",
-                                 options=lock_holder_options(self.round_timeout))
+            # No statement may outlast a round: a blocked one is a failed renewal, and the
+            # leases lapse by this process's clock meanwhile.
+            timeout_ms = max(100, round(self.round_timeout * 1000))
+            self._conn = connect(
+                self._dsn, application_name="relay-leases",
+                options=f"-c statement_timeout={timeout_ms} "
+                        + idle_transaction_limit(self._config.hold_limit))
             projection.prepare(self._conn)
             self._conn.commit()
             self._conn.execute(
@@ -455,7 +457,7 @@ class ClusterLog:
         with self._lock:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._dsn, application_name="relay-cluster",
-                                     options=lock_holder_options(self._hold_limit))
+                                     options=idle_transaction_limit(self._hold_limit))
                 projection.prepare(self._conn)
                 self._conn.commit()
             try:

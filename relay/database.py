@@ -71,7 +71,7 @@ class RetryPauses:
 # 53 insufficient resources, 57 operator intervention (shutdown, terminated), 58 I/O.
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 # And one code of another class: the server ended our transaction for sitting idle
-# (`lock_holder_options`): the connection is gone, the statement may be sent again.
+# (`idle_transaction_limit`): the connection is gone, the statement may be sent again.
 TRANSIENT_SQLSTATES = frozenset({"25P03"})
 
 
@@ -120,16 +120,16 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, **kwargs)
 
 
-def lock_holder_options(seconds: float) -> str:
+def idle_transaction_limit(seconds: float) -> str:
     """`options` for a connection whose transactions take locks other relay processes
     wait on (the log's head, shard rows): the server ends a transaction of it that sits
-    idle `seconds` between statements, and a statement that runs `seconds` (a COPY waits
-    for its client's rows inside the statement). The relay's own transactions never wait
-    on anything between their statements and never run one that long, so only a paused
-    or frozen process (SIGSTOP, a VM stall, a client gone quiet) gets there, and it must
-    not stall every other process on the database for longer than that."""
-    ms = max(100, round(seconds * 1000))
-    return f"-c idle_in_transaction_session_timeout={ms} -c statement_timeout={ms}"
+    idle `seconds` between statements. The relay's own transactions never wait on
+    anything between their statements, so only a paused or frozen process (SIGSTOP, a
+    VM stall, a client gone quiet) gets there, and it must not stall every other
+    process on the database for longer than that. (A statement waiting for its client,
+    such as a COPY fed row by row, is not timed at all: the relay sends a COPY's rows
+    in one write, events/batch_sql.py.)"""
+    return f"-c idle_in_transaction_session_timeout={max(100, round(seconds * 1000))}"
 
 
 def with_dbname(dsn: str, dbname: str) -> str:
