@@ -135,14 +135,10 @@ def append_bulk(dsn: str, events: Iterable[Event], *, chunk: int = BULK_CHUNK) -
     appended = 0
     with connect(dsn, application_name="relay-append-bulk") as conn:
         projection.prepare(conn)
-        encoded = (encode(event) for event in events)
-        while batch := list(itertools.islice(encoded, chunk)):
+        remaining = iter(events)
+        while batch := list(itertools.islice(remaining, chunk)):
             with conn.cursor() as cur:
-                row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
-                assert row is not None, "log_head has exactly one row"
-                _, _, patch = copy_events(cur, batch, row[0], row[1])
-                patch.copy(cur)
-                patch.merge(cur)
+                append_locked(cur, batch, lock_head(cur))
             conn.commit()
             appended += len(batch)
     return appended
@@ -172,10 +168,9 @@ def append_first(dsn: str, event: Event) -> bool:
     encoded = [encode(event)]
     with connect(dsn, application_name="relay-create-log") as conn:
         with conn.cursor() as cur:
-            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
-            assert row is not None, "log_head has exactly one row"
-            if row[0] != 0:
+            head = lock_head(cur)
+            if head[0] != 0:
                 return False
-            copy_events(cur, encoded, row[0], row[1])
+            copy_events(cur, encoded, *head)
         conn.commit()
     return True

@@ -56,6 +56,10 @@ the next start looks each id up and says what became of it (the log itself needs
 nothing: a committed batch is in it, an uncommitted one is not, and a resumed run
 sends again whatever has no outcome).
 
+One module of about 600 lines for one idea, the writer thread: its batching, the
+transaction under the head lock with the decisions and fences taken there, the retry
+and the COMMIT in doubt lean on one another's invariants (the head lock, the batch id,
+the order of batches). How a batch becomes SQL is events/batch_sql.py.
 """
 
 from __future__ import annotations
@@ -177,8 +181,7 @@ def _decide(cur: psycopg.Cursor[Any], batch: list[_Request]) -> None:
     for request in batch:
         if request.decide is not None:
             token, decide = request.decide
-            request.decided = decide(*state.get(token, (False, None)))
-            decided = request.decided
+            request.decided = decided = decide(*state.get(token, (False, None)))
             request.events = [] if decided is None else [batch_sql.encode(decided)]
         for event in request.events:
             token = event.data.get("token")
@@ -473,8 +476,7 @@ class Journal:
             # one, because a pipeline ends with a flush request, after which PostgreSQL
             # no longer times the transaction as idle; this one must be ended by the
             # server's `hold_limit` if the process stops while it holds the lock.
-            row = cur.execute("SELECT position, hash FROM log_head FOR UPDATE").fetchone()
-            assert row is not None, "log_head has exactly one row (schema/001_event_log.sql)"
+            head = batch_sql.lock_head(cur)
             if retrying:
                 # The head lock is ours, so an earlier attempt of this batch is over:
                 # committed (then recorded here) or rolled back.
@@ -484,7 +486,6 @@ class Journal:
                     conn.rollback()
                     log.info("batch %s had committed before the connection was lost", batch_id)
                     return int(found[0])
-            head = (int(row[0]), bytes(row[1]))
             fenced = any(request.fences for request in batch)
             if fenced:
                 _refuse_stale(cur, batch)

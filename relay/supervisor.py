@@ -210,8 +210,10 @@ class Supervisor:
         if self._parts is not None:
             self._parts.runner.request_stop()
 
-    def _restart_pause(self, what: str) -> float | None:
-        """The pause before restarting `what`; None (and a stop with status 1) when too fast."""
+    def _pause_before_restart(self, what: str, then: str) -> bool:
+        """After `what` failed: wait out its restart pause (the budget's); False when the
+        budget is spent (a stop with status 1: crashing too fast) or the supervisor
+        stopped meanwhile."""
         with self._budget_lock:
             pause = self._budget.next_pause()
         if pause is None:
@@ -221,17 +223,9 @@ class Supervisor:
                          policy.max_restarts, policy.window)
             self.exit_status = ExitStatus.FAILURE
             self.stop()
-        return pause
-
-    def _pause_before_restart(self, what: str, then: str) -> bool:
-        """After `what` failed: wait out its restart pause; False when the budget is spent
-        (the supervisor is stopping with status 1)."""
-        pause = self._restart_pause(what)
-        if pause is None:
             return False
         log.warning("%s in %.1fs", then, pause)
-        self.stopping.wait(pause)
-        return True
+        return not self.stopping.wait(pause)
 
     def _wakeups(self) -> None:
         """One run at a time, cluster-wide: the next starts `interval` after the previous
@@ -291,11 +285,7 @@ class Supervisor:
                     continue
                 if part is client:
                     what = f"{what} ({client.last_exit})"
-                pause = self._restart_pause(what)
-                if pause is None:
-                    return
-                log.warning("%s crashed; restarting it in %.1fs", what, pause)
-                if self.stopping.wait(pause):
+                if not self._pause_before_restart(what, f"{what} crashed; restarting it"):
                     return
                 part.restart()
 
