@@ -5,15 +5,18 @@ Journal (group commit) and Registry actor on real PostgreSQL, behind ApiServer.
 With `--peer naive`, the naive endpoint (`bench/peers/naive_registrations.py`:
 aiohttp, one INSERT ... ON CONFLICT and COMMIT per request, a pool of 16
 connections) runs as its own process on its own scratch database. The load comes
-from separate processes (aiohttp, keep-alive connections in a closed loop, fresh
-random tokens) over loopback; at each level of concurrent clients both servers get
+from `wrk` (Debian's package `wrk`; `--load python` uses aiohttp clients in separate
+processes instead): keep-alive connections in a closed loop, a fresh random token per
+request (bench/register.lua), over loopback. wrk, in C, spends a few microseconds per
+request, where the aiohttp clients took about as much CPU as the server they loaded,
+on a machine of two cores. At each level of concurrent clients both servers get
 the same load for the same time, in alternating slices (relay, naive, naive, relay,
 ...: `--rounds` of each), so that a change in the shared machine's load between slices
 touches both alike. A request counts when it answered 200, i.e. after its COMMIT; at the
 end the relay's log must hold one `device_registered` per counted request.
 
     python bench/api_registrations.py --peer naive [--clients 1 4 16 64] [--seconds 6]
-                                      [--rounds 3]
+                                      [--rounds 3] [--load wrk|python]
     python bench/api_registrations.py                # the relay alone
 
 ADMIN_DSN (--dsn; default $RELAY_TEST_DSN, else postgresql://postgres@127.0.0.1:5432/postgres)
@@ -27,10 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import math
 import multiprocessing
 import os
 import resource
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -68,6 +74,14 @@ class Load:
 
     latencies: list[float] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
+    # wrk reports quantiles, not every latency: `latencies` then holds its 1,000
+    # quantiles, each standing for `weight` requests of the `count` it answered.
+    weight: float = 1.0
+    count: int | None = None
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies) if self.count is None else self.count
 
 
 async def _drive(url: str, connections: int, seconds: float) -> Load:
@@ -99,14 +113,46 @@ def _load_process(url: str, connections: int, seconds: float) -> Load:
     return asyncio.run(_drive(url, connections, seconds))
 
 
+WRK_SCRIPT = Path(__file__).resolve().parent / "register.lua"
+
+
+def _wrk(url: str, connections: int, seconds: float) -> Load:
+    """One wrk run (one thread: the machine's other core is the servers'); its latency
+    percentiles come back as a Load of two points, counted as often as wrk counted."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s",
+               "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    quantiles = [us / 1e6 for us in result["quantiles_us"]]
+    load = Load(quantiles, weight=result["requests"] / len(quantiles), count=result["requests"])
+    if result["status_errors"]:
+        load.failures["non-200"] += result["status_errors"]
+    if result["socket_errors"]:
+        load.failures["socket"] += result["socket_errors"]
+    return load
+
+
+def _wrk_slice(url: str, connections: int, seconds: float) -> Load:
+    """A warm-up run (not counted), then the measured one."""
+    _wrk(url, connections, WARMUP)
+    return _wrk(url, connections, seconds)
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+def _percentile(loads: list[Load], fraction: float) -> float:
+    """The pooled `fraction` quantile of every load's latencies, each with its weight."""
+    points = sorted((x, load.weight) for load in loads for x in load.latencies)
+    wanted, seen = fraction * sum(weight for _, weight in points), 0.0
+    for value, weight in points:
+        seen += weight
+        if seen > wanted:
+            return value
+    return points[-1][0] if points else 0.0
 
 
 @dataclass(frozen=True)
@@ -133,10 +179,10 @@ class Slices:
     commits: float = 0.0
 
     def figures(self) -> Figures:
-        latencies = [x for load in self.loads for x in load.latencies]
+        count = sum(load.answered for load in self.loads)
         failures: Counter[str] = sum((load.failures for load in self.loads), Counter())
-        return Figures(len(latencies) / max(self.seconds, 1e-9), _percentile(latencies, 0.5),
-                       _percentile(latencies, 0.99), failures, len(latencies),
+        return Figures(count / max(self.seconds, 1e-9), _percentile(self.loads, 0.5),
+                       _percentile(self.loads, 0.99), failures, count,
                        self.events / max(1.0, self.commits))
 
 
@@ -152,13 +198,17 @@ def _batches() -> tuple[float, float]:
     return total, count
 
 
-def _load(pool: multiprocessing.pool.Pool, url: str, clients: int, seconds: float,
+def _load(pool: multiprocessing.pool.Pool | None, url: str, clients: int, seconds: float,
           cpu: Callable[[], float], into: Slices) -> None:
-    """One slice: `clients` on `url` for the warm-up, then `seconds` measured."""
-    processes = min(MAX_LOAD_PROCESSES, clients)
-    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    """One slice: `clients` on `url` for the warm-up, then `seconds` measured (by wrk,
+    or with `pool` by the Python clients)."""
     before, (events, commits) = cpu(), _batches()
-    into.loads += pool.starmap(_load_process, [(url, share, seconds) for share in shares])
+    if pool is None:
+        into.loads.append(_wrk_slice(url, clients, seconds))
+    else:
+        processes = min(MAX_LOAD_PROCESSES, clients)
+        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        into.loads += pool.starmap(_load_process, [(url, share, seconds) for share in shares])
     into.cpu += cpu() - before
     into.events += _batches()[0] - events
     into.commits += _batches()[1] - commits
@@ -226,22 +276,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured per server and level, over all its slices")
     parser.add_argument("--rounds", type=int, default=3,
                         help="slices per server and level, alternating with the peer's")
+    parser.add_argument("--load", choices=["wrk", "python"], default="wrk",
+                        help="the load generator (default wrk: apt-get install wrk)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        parser.error("wrk is not installed (Debian: apt-get install wrk); "
+                     "or use --load python")
+    slice_seconds = args.seconds / args.rounds
+    if args.load == "wrk" and slice_seconds != math.ceil(slice_seconds):
+        parser.error("with wrk, --seconds / --rounds must be whole seconds")
 
-    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average before: {os.getloadavg()[0]:.2f}; load: {args.load}", flush=True)
     context = multiprocessing.get_context("spawn")
     relay: dict[int, Slices] = {}
     naive: dict[int, Slices] = {}
     with contextlib.ExitStack() as running:
         dsn = running.enter_context(migrated_database(args.dsn, "relay_bench"))
-        pool = running.enter_context(context.Pool(MAX_LOAD_PROCESSES))
+        pool = (running.enter_context(context.Pool(MAX_LOAD_PROCESSES))
+                if args.load == "python" else None)
         servers = [("relay", running.enter_context(_relay(dsn)), _cpu_seconds, relay)]
         if args.peer == "naive":
             url, pid = running.enter_context(_naive(args.dsn))
             servers.append(("naive", url, lambda: _process_cpu(pid), naive))
-        slice_seconds = args.seconds / args.rounds
         for clients in args.clients:
             for round_ in range(args.rounds):
                 # relay, naive; then naive, relay: neither always goes first.

@@ -461,8 +461,8 @@ class Journal:
         with conn.cursor() as cur:
             if known is not None and small and time.monotonic() >= self._guess_head_after:
                 try:
-                    return self._write_events(conn, cur, events, batch_id, known, locked=False,
-                                              fences=_fence_arrays(batch))
+                    return self._write_guessed(conn, cur, events, batch_id, known,
+                                               _fence_arrays(batch))
                 except (psycopg.errors.UniqueViolation, psycopg.errors.RestrictViolation):
                     conn.rollback()  # another writer moved the head: refused, not in doubt
                     self._commit_sent = False
@@ -497,14 +497,45 @@ class Journal:
                     conn.rollback()
                     self._head = head
                     return head[0] + 1
-            return self._write_events(conn, cur, events, batch_id, head, locked=True)
+            return self._write_locked(conn, cur, events, batch_id, head)
 
-    def _write_events(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
+    def _write_guessed(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
+                       events: list[batch_sql.Encoded], batch_id: uuid.UUID,
+                       head: tuple[int, bytes],
+                       fences: tuple[list[int], list[int]] | None) -> int:
+        """A small batch after `head`, the head our last commit left, as ONE statement
+        that is its own transaction: its first parts take the head lock and check the
+        batch's `fences` under it, before any event goes in. psycopg's pipeline (BEGIN,
+        lock, statement, COMMIT) cost about as much of the writer's CPU as the rest of a
+        lone commit; one statement in autocommit is one round trip and one result."""
+        first = head[0] + 1
+        position, last, patch, rows = batch_sql.event_columns(events, *head)
+        guard: list[tuple[str, list[Any]]] = [(batch_sql.HEAD_LOCK, [])]
+        if fences is not None:
+            guard.append((batch_sql.FENCE_UNDER_LOCK, list(fences)))
+        statement = batch_sql.one_statement(rows, patch, [batch_id, first, position],
+                                            guard=guard, extra=self._prune_due())
+        # Its COMMIT is the statement's end: in doubt from here if the answer is lost.
+        self._commit_sent = True
+        conn.autocommit = True
+        try:
+            cur.execute(*statement)
+        finally:
+            try:
+                conn.autocommit = False
+            except psycopg.Error:  # the connection broke: the retry takes a new one
+                self._discard_connection()
+        if cur.rowcount != len(events):
+            raise JournalError(f"batch {batch_id}: {cur.rowcount} of {len(events)} events "
+                               "inserted: the log's head row is missing (tampered schema?)")
+        self._head = (position, last)
+        return first
+
+    def _write_locked(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
                       events: list[batch_sql.Encoded], batch_id: uuid.UUID,
-                      head: tuple[int, bytes], *,
-                      locked: bool, fences: tuple[list[int], list[int]] | None = None) -> int:
-        """The batch after `head`, up to COMMIT; `locked`: the head lock is already ours
-        (else `fences`, the batch's shards and epochs, are checked after taking it)."""
+                      head: tuple[int, bytes]) -> int:
+        """The batch after `head`, in the transaction that holds the head lock, up to
+        COMMIT."""
         first = head[0] + 1
         rows: list[arrays.BinaryArray] | None = None
         if len(events) <= batch_sql.INSERT_MAX_EVENTS:
@@ -516,22 +547,25 @@ class Journal:
         # fate is in doubt from here if the connection is lost before its answer.
         self._commit_sent = True
         with conn.pipeline():
-            if not locked:
-                cur.execute("SELECT 1 FROM log_head FOR UPDATE")
-                if fences is not None:
-                    cur.execute("SELECT cluster_fence(%s::int4[], %s::int8[])", fences)
             if rows is not None:
-                cur.execute(*batch_sql.one_statement(rows, patch, [batch_id, first, position]))
+                cur.execute(*batch_sql.one_statement(rows, patch, [batch_id, first, position],
+                                                     extra=self._prune_due()))
             else:
                 patch.merge(cur)
                 cur.execute(batch_sql.RECORD_BATCH_SQL, (batch_id, first, position))
-            self._batches += 1
-            if self._batches % PRUNE_EVERY == 0:
-                cur.execute("DELETE FROM journal_batches"
-                            " WHERE committed_at < now() - %s::interval", (BATCH_RETENTION,))
+                for statement in self._prune_due():
+                    cur.execute(*statement)
             conn.commit()
         self._head = (position, last)
         return first
+
+    def _prune_due(self) -> list[tuple[str, list[Any]]]:
+        """Every PRUNE_EVERY-th commit also forgets old batch records."""
+        self._batches += 1
+        if self._batches % PRUNE_EVERY:
+            return []
+        return [("DELETE FROM journal_batches WHERE committed_at < now() - %s::interval",
+                 [BATCH_RETENTION])]
 
     def _stopped_with(self, batch: list[_Request], batch_id: uuid.UUID, in_doubt: bool) -> None:
         """The stop deadline passed with `batch` unconfirmed: say what is known of it."""

@@ -231,7 +231,10 @@ class Proxy:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self.down = False
-        self.cut_after_commit = False
+        # Set to bytes that end a transaction (b"COMMIT", or SYNC for a statement in
+        # autocommit): the next upstream chunk holding them reaches the server, then the
+        # connection is cut before any answer.
+        self.cut_after: bytes | None = None
         self.commits_cut = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -256,8 +259,8 @@ class Proxy:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 sink.sendall(data)
-                if upstream and self.cut_after_commit and b"COMMIT" in data:
-                    self.cut_after_commit = False
+                if upstream and self.cut_after is not None and self.cut_after in data:
+                    self.cut_after = None
                     self.commits_cut += 1
                     # Let the server read the COMMIT; the client never hears back.
                     source.shutdown(socket.SHUT_RDWR)
@@ -315,22 +318,30 @@ def test_outage_futures_resolve_after_the_database_returns(
     assert count_events(dsn) == 6
 
 
+# The extended protocol's Sync message: a statement in autocommit commits there.
+SYNC = b"S\x00\x00\x00\x04"
+
+
+@pytest.mark.parametrize(("size", "commits_with"), [
+    (10, SYNC),  # a small batch after one of ours: one statement, its own transaction
+    (batch_sql.INSERT_MAX_EVENTS + 10, b"COMMIT"),  # COPY under the lock, then COMMIT
+], ids=["one statement", "locked COPY"])
 def test_connection_lost_during_commit_neither_duplicates_nor_loses(
-        dsn: str, proxy: Proxy, fast_retries: None) -> None:
+        dsn: str, proxy: Proxy, fast_retries: None, size: int, commits_with: bytes) -> None:
     j = Journal(proxy.dsn, max_delay=0.001)
     j.start()
     try:
         assert j.append([registered(0)]).result(10) == [1]
-        proxy.cut_after_commit = True
-        batch = [registered(i) for i in range(1, 11)]
-        assert j.append(batch).result(20) == list(range(2, 12))
+        proxy.cut_after = commits_with
+        batch = [registered(i) for i in range(1, size + 1)]
+        assert j.append(batch).result(20) == list(range(2, size + 2))
         assert proxy.commits_cut == 1
-        assert j.append([registered(11)]).result(10) == [12]
+        assert j.append([registered(size + 1)]).result(10) == [size + 2]
     finally:
         j.stop(5)
     with psycopg.connect(dsn) as conn:
         tokens = [row[0] for row in conn.execute("SELECT token FROM events ORDER BY position")]
-    assert tokens == [f"{i:064x}" for i in range(12)]
+    assert tokens == [f"{i:064x}" for i in range(size + 2)]
 
 
 def test_an_idle_journal_notices_a_lost_database_and_its_return(
