@@ -194,6 +194,11 @@ class _Overlay:
         pending = self._pending.get(token)
         return pending if pending is not None and pending.seq > seq else None
 
+    def entries(self) -> int:
+        """Entries held, settled or not (for tests and debugging)."""
+        with self.lock:
+            return len(self._pending)
+
     def sweep(self, keep: Container[str]) -> bool:
         """Drop settled entries (the log has them) except `keep`'s; True if some are not."""
         with self.lock:

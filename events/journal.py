@@ -15,6 +15,10 @@ queued (up to `max_batch` events) and writes it in ONE transaction:
 A small batch (up to INSERT_MAX_EVENTS events, the usual case) skips both COPYs: after
 the head lock, its events, its cache upserts and its batch record are ONE statement
 with binary column arrays, pipelined with COMMIT (the SQL of both ways: events/batch_sql.py).
+After a commit of ours the head we left is assumed, and the next small batch is even
+less: one statement in autocommit whose first WITH parts take the head lock and check
+its fences (`_write_guessed`), i.e. one round trip, one result and no transaction left
+open between messages.
 
 One commit per batch instead of per event is what makes the log fast (the fsync is
 shared); appenders that arrive while a transaction runs form the next batch. The
