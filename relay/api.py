@@ -119,6 +119,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+# One decoder for every body: json.loads with a hook builds a new one per call.
+_BODY_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def _field_list(names: set[str]) -> str:
     shown = sorted(names)[:3]
     return ", ".join(json.dumps(name[:32]) for name in shown) + (", …" if len(names) > 3 else "")
@@ -203,8 +207,8 @@ class _Api:
                            f"send the body as {JSON_TYPE}, e.g. {{\"token\": \"<hex>\"}}")
         body = await self._read_body(request)
         try:
-            document = json.loads(body, object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError):
+            document = _BODY_DECODER.decode(body.decode("utf-8-sig"))  # a BOM is ignored
+        except (ValueError, RecursionError):  # UnicodeDecodeError included
             raise ApiError(400, "malformed_json", "the body is not valid UTF-8 JSON") from None
         if not isinstance(document, dict):
             raise ApiError(400, "invalid_body", "the body must be a JSON object "
