@@ -52,7 +52,6 @@ from importlib import resources
 from typing import Any, NoReturn, Protocol
 
 import psycopg
-import uvloop
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -470,9 +469,7 @@ class ApiServer:
         thread.join(timeout=SHUTDOWN_GRACE + 5)
 
     def _run(self, started: concurrent.futures.Future[None]) -> None:
-        # uvloop: its transports and loop in C took a tenth of the API's CPU per request
-        # off (BENCHMARKS.md); aiohttp runs on it unchanged.
-        uvloop.run(self._serve(started))
+        asyncio.run(self._serve(started))
 
     async def _serve(self, started: concurrent.futures.Future[None]) -> None:
         self._loop = asyncio.get_running_loop()

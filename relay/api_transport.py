@@ -15,7 +15,7 @@ import logging
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
@@ -161,12 +161,11 @@ class _Refusal(asyncio.Protocol):
     """
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A TCP transport: asyncio's, or uvloop's (alike, but not a subclass).
-        stream = cast(asyncio.WriteTransport, transport)
-        stream.write(_OVERLOADED)
-        if stream.can_write_eof():
-            stream.write_eof()
-        asyncio.get_running_loop().call_later(RETRY_AFTER_OVERLOADED, stream.close)
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_OVERLOADED)
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(RETRY_AFTER_OVERLOADED, transport.close)
 
     def data_received(self, data: bytes) -> None:
         """Ignored: the answer does not depend on it."""
