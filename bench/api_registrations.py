@@ -117,8 +117,9 @@ WRK_SCRIPT = Path(__file__).resolve().parent / "register.lua"
 
 
 def _wrk(url: str, connections: int, seconds: float) -> Load:
-    """One wrk run (one thread: the machine's other core is the servers'); its latency
-    percentiles come back as a Load of two points, counted as often as wrk counted."""
+    """One wrk run (one thread: the machine's other core is the servers'); its 1,000
+    latency quantiles come back as a Load whose points each weigh their share of the
+    requests wrk counted."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s",
                "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout

@@ -105,29 +105,30 @@ def event_columns(events: Sequence[Encoded], head: int, previous: bytes
 
 
 def one_statement(rows: list[arrays.BinaryArray], patch: projection.BatchPatch,
-                  record: list[Any], *, guard: Sequence[tuple[str, list[Any]]] = (),
+                  record: list[Any], *, take_lock: bool = False,
+                  fences: tuple[list[int], list[int]] | None = None,
                   extra: Sequence[tuple[str, list[Any]]] = ()) -> tuple[str, list[Any]]:
     """A small batch's writes as ONE statement: the cache upserts, the batch record and
     `extra` as data-modifying WITH parts of the events INSERT. Each statement is a send,
     a result to process and, on a busy process, a wait for the GIL after its poll; the
     insert trigger still runs at the end of the statement, after every part.
 
-    `guard`: WITH parts that must run before any event is inserted (`HEAD_LOCK` and a
-    fence check on it): the INSERT's rows are gated on the last of them, so PostgreSQL
-    evaluates it once, first. If it yields no row, no event is inserted (the caller
-    compares the row count)."""
-    guards = [(sql.format(previous=f"w{i - 1}"), values) for i, (sql, values) in enumerate(guard)]
-    parts = [*guards, *patch.statements(), (RECORD_BATCH_SQL, record), *extra]
+    `take_lock`: the statement takes the head lock itself, and checks `fences` (the
+    batch's shards and epochs) under it, before any event is inserted: the INSERT's rows
+    are gated on those parts, so PostgreSQL evaluates them once, first. Without a head
+    row no event is inserted (the caller compares the row count)."""
+    guard: list[tuple[str, list[Any]]] = []
+    if take_lock:
+        guard.append(("SELECT 1 FROM log_head FOR UPDATE", []))
+        if fences is not None:
+            guard.append(("SELECT cluster_fence(%s::int4[], %s::int8[]) FROM w0", list(fences)))
+    else:
+        assert fences is None, "fences are checked under the lock the statement takes"
+    parts = [*guard, *patch.statements(), (RECORD_BATCH_SQL, record), *extra]
     text = "WITH " + ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
     params = [param for _, values in parts for param in values]
     gate = f" WHERE EXISTS (SELECT FROM w{len(guard) - 1})" if guard else ""
     return f"{text} {INSERT_EVENTS_SQL}{gate}", params + rows
-
-
-# WITH parts of a guarded `one_statement`: the head lock, then (optionally) the cluster's
-# fence under it; `{previous}` names the part before.
-HEAD_LOCK = "SELECT 1 FROM log_head FOR UPDATE"
-FENCE_UNDER_LOCK = "SELECT cluster_fence(%s::int4[], %s::int8[]) FROM {previous}"
 
 
 def encode(event: Event) -> Encoded:

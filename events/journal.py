@@ -514,11 +514,9 @@ class Journal:
         lone commit; one statement in autocommit is one round trip and one result."""
         first = head[0] + 1
         position, last, patch, rows = batch_sql.event_columns(events, *head)
-        guard: list[tuple[str, list[Any]]] = [(batch_sql.HEAD_LOCK, [])]
-        if fences is not None:
-            guard.append((batch_sql.FENCE_UNDER_LOCK, list(fences)))
         statement = batch_sql.one_statement(rows, patch, [batch_id, first, position],
-                                            guard=guard, extra=self._prune_due())
+                                            take_lock=True, fences=fences,
+                                            extra=self._prune_due())
         # Its COMMIT is the statement's end: in doubt from here if the answer is lost.
         self._commit_sent = True
         conn.autocommit = True
