@@ -103,7 +103,8 @@ def freeze_startup_heap() -> None:
     (BENCHMARKS.md, "Figures behind choices in the code"). Young collections then run
     every YOUNG_COLLECTION_THRESHOLD allocations instead of 700: a registration or a
     notification leaves few survivors, and collecting a tenth as often gave the device
-    API 5 % more registrations per second (BENCHMARKS.md, issue 14, fourth round).
+    API about 5 % more registrations per second in alternating runs (BENCHMARKS.md,
+    issue 14, fourth round).
     """
     gc.collect()
     gc.freeze()
