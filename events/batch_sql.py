@@ -149,6 +149,7 @@ class Prepared:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._made = itertools.count()  # never a name twice, whatever the server kept
 
     def run(self, statement: tuple[str, list[Any]]) -> int:
         """Run `statement` as its own transaction; the rows its INSERT wrote. A refusal
@@ -163,14 +164,26 @@ class Prepared:
         if pgconn.transaction_status != pq.TransactionStatus.IDLE:
             conn.rollback()  # else the statement would join that transaction
         key = (text, tuple(types))
-        name = self._names.get(key)
-        if name is None:
-            name = b"relay_batch_%d" % len(self._names)
-            pgconn.send_prepare(name, _numbered(text).encode(), param_types=types)
-            self._result(conn.wait(execute(pgconn)))
-            self._names[key] = name
+        try:
+            return self._execute(self._names.get(key) or self._prepare(key, types), values)
+        except psycopg.errors.InvalidSqlStatementName:
+            # After a ROLLBACK psycopg resets its own cache of prepared statements with
+            # DEALLOCATE ALL, which takes ours too. Bind failed: nothing ran.
+            self._names.clear()
+            return self._execute(self._prepare(key, types), values)
+
+    def _prepare(self, key: tuple[str, tuple[int, ...]], types: list[int]) -> bytes:
+        name = b"relay_batch_%d" % next(self._made)
+        pgconn = self._conn.pgconn
+        pgconn.send_prepare(name, _numbered(key[0]).encode(), param_types=types)
+        self._result(self._conn.wait(execute(pgconn)))
+        self._names[key] = name
+        return name
+
+    def _execute(self, name: bytes, values: list[bytes]) -> int:
+        pgconn = self._conn.pgconn
         pgconn.send_query_prepared(name, values, param_formats=[pq.Format.BINARY] * len(values))
-        return self._result(conn.wait(execute(pgconn))).command_tuples or 0
+        return self._result(self._conn.wait(execute(pgconn))).command_tuples or 0
 
     def _result(self, results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
         for result in results:

@@ -420,6 +420,22 @@ def test_a_refused_prepared_statement_raises_the_error_of_its_sqlstate(dsn: str)
     assert count_events(dsn) == 2
 
 
+def test_a_prepared_statement_survives_psycopg_deallocating_all_of_them(dsn: str) -> None:
+    """psycopg answers a ROLLBACK on a connection where it prepared statements with
+    DEALLOCATE ALL (the Journal's locked path rolls back, e.g. after a refused fence):
+    ours are prepared again, and the batch is written once."""
+    with psycopg.connect(dsn) as conn:
+        conn.prepare_threshold = 0  # psycopg prepares its own statements at once
+        prepared = batch_sql.Prepared(conn)
+        assert prepared.run(_one_registration(conn, TOKEN)) == 1
+        conn.execute("SELECT 1")
+        conn.rollback()
+        conn.execute("SELECT 2")  # preceded by psycopg's DEALLOCATE ALL
+        conn.rollback()
+        assert prepared.run(_one_registration(conn, "cd" * 32)) == 1
+    assert count_events(dsn) == 2
+
+
 def test_a_prepared_statement_names_a_parameter_it_cannot_send() -> None:
     with pytest.raises(TypeError, match="float"):
         batch_sql.Prepared(None).run(("SELECT %s", [1.5]))  # type: ignore[arg-type]
