@@ -1,6 +1,7 @@
 """Appends per second through the Journal (group commit), next to the raw COPY rate.
 
     python -m bench.journal [--dsn SUPERUSER_DSN] [--events 200000] [--appenders 16]
+    python -m bench.journal --lone 3000      # one registration at a time, against naive
 
 Works in a scratch database it creates and drops (DSN from --dsn, else
 $RELAY_BENCH_DSN or $RELAY_TEST_DSN, else a private throwaway cluster). The workload
@@ -12,6 +13,13 @@ The raw COPY rate is the same rows (canonical bytes and hashes precomputed) copi
 into a trigger-less copy of the events table with its indexes, in transactions of
 the Journal's batch size: what the server can take without the chain check, the
 projections and Python's per-event work.
+
+`--lone N` measures what one client alone waits for: N registrations one after the
+other through the Journal (each its own commit: the writer is idle when it arrives),
+against the naive endpoint's write of the same registration (bench/peers/
+naive_registrations.py: INSERT ... ON CONFLICT, then COMMIT) on the same server, in
+alternating slices. It prints the median latency and the CPU of this process per
+registration for each (PostgreSQL's not counted), and the ratio.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -31,6 +40,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench.peers import naive_registrations
 from events import codec
 from events import types as ev
 from events.journal import MAX_BATCH, Journal
@@ -153,6 +163,57 @@ def raw_copy_rate(dsn: str, events: list[ev.Event], batch: int) -> tuple[float, 
     return rates[0], rates[1]
 
 
+LONE_SLICES = 6  # alternating slices per side
+
+
+def lone_latencies(dsn: str, count: int) -> dict[str, tuple[list[float], float]]:
+    """Per side ("journal", "naive"): `count` sequential registrations' latencies (s),
+    and this process's CPU seconds over them."""
+    figures: dict[str, tuple[list[float], float]] = {"journal": ([], 0.0), "naive": ([], 0.0)}
+    journal = Journal(dsn)
+    journal.start()
+    naive = psycopg.connect(dsn)
+    naive.execute(naive_registrations.SCHEMA)
+    naive.commit()
+
+    def through_journal(i: int) -> None:
+        journal.append([ev.device_registered(f"{i:064x}", T0 + i)]).result(10)
+
+    def naive_write(i: int) -> None:
+        naive.execute(naive_registrations.UPSERT, (f"{i:064x}", T0 + i))
+        naive.commit()
+
+    try:
+        for i in range(200):  # warm-up: connections, prepared statements, caches
+            through_journal(count + i)
+            naive_write(count + i)
+        per_slice = max(1, count // LONE_SLICES)
+        for start in range(0, count, per_slice):
+            for side, write in (("journal", through_journal), ("naive", naive_write)):
+                latencies, cpu = figures[side]
+                cpu_before = time.process_time()
+                for i in range(start, min(count, start + per_slice)):
+                    began = time.perf_counter()
+                    write(i)
+                    latencies.append(time.perf_counter() - began)
+                figures[side] = (latencies, cpu + time.process_time() - cpu_before)
+    finally:
+        naive.close()
+        journal.stop(10)
+    return figures
+
+
+def lone(dsn: str, count: int) -> None:
+    figures = lone_latencies(dsn, count)
+    medians = {side: statistics.median(latencies) for side, (latencies, _) in figures.items()}
+    print(f"{count:,} registrations one at a time, load average {os.getloadavg()[0]:.2f}")
+    for side, (latencies, cpu) in figures.items():
+        print(f"{side:8} p50 {medians[side] * 1e3:.3f} ms  "
+              f"CPU {cpu / len(latencies) * 1e6:.0f} us per registration")
+    print(f"naive p50 / journal p50: {medians['naive'] / medians['journal']:.2f}x "
+          "(above 1: a lone registration commits sooner through the Journal)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.journal", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=10, help="events per append call")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH)
     parser.add_argument("--max-delay", type=float, default=0.005)
+    parser.add_argument("--lone", type=int, metavar="N",
+                        help="N registrations one at a time, against the naive write")
     args = parser.parse_args(argv)
+    if args.lone:
+        with server(args.dsn) as admin_dsn, migrated_database(admin_dsn, "bench_lone") as dsn:
+            lone(dsn, args.lone)
+        return 0
     events = wakeup_workload(args.events)
     with server(args.dsn) as admin_dsn, migrated_database(admin_dsn, "bench_journal") as dsn:
         rate, batches = journal_rate(dsn, events, args.appenders, args.group,

@@ -27,26 +27,27 @@ class BinaryArray(bytes):
     """A one-dimensional array, binary; subclasses name its type for psycopg."""
 
     element_oid = 0
+    array_oid = 0
 
 
 class Int8Array(BinaryArray):
-    element_oid = 20
+    element_oid, array_oid = 20, 1016
 
 
 class Int4Array(BinaryArray):
-    element_oid = 23
+    element_oid, array_oid = 23, 1007
 
 
 class BoolArray(BinaryArray):
-    element_oid = 16
+    element_oid, array_oid = 16, 1000
 
 
 class TextArray(BinaryArray):
-    element_oid = 25
+    element_oid, array_oid = 25, 1009
 
 
 class ByteaArray(BinaryArray):
-    element_oid = 17
+    element_oid, array_oid = 17, 1001
 
 
 def array(kind: type[BinaryArray], fields: list[bytes]) -> BinaryArray:
@@ -73,10 +74,10 @@ def of_values(kind: type[BinaryArray], values: Iterable[object]) -> BinaryArray:
     return array(kind, [encode(value) for value in values])
 
 
-def _register(kind: type[BinaryArray], array_oid: int) -> None:
+def _register(kind: type[BinaryArray]) -> None:
     class _Dumper(Dumper):
         format = Format.BINARY
-        oid = array_oid
+        oid = kind.array_oid
 
         def dump(self, obj: object) -> bytes:
             assert isinstance(obj, bytes)
@@ -85,6 +86,5 @@ def _register(kind: type[BinaryArray], array_oid: int) -> None:
     adapters.register_dumper(kind, _Dumper)
 
 
-for _kind, _oid in ((Int8Array, 1016), (Int4Array, 1007), (BoolArray, 1000),
-                    (TextArray, 1009), (ByteaArray, 1001)):
-    _register(_kind, _oid)
+for _kind in (Int8Array, Int4Array, BoolArray, TextArray, ByteaArray):
+    _register(_kind)

@@ -16,9 +16,10 @@ A small batch (up to INSERT_MAX_EVENTS events, the usual case) skips both COPYs:
 the head lock, its events, its cache upserts and its batch record are ONE statement
 with binary column arrays, pipelined with COMMIT (the SQL of both ways: events/batch_sql.py).
 After a commit of ours the head we left is assumed, and the next small batch is even
-less: one statement in autocommit whose first WITH parts take the head lock and check
-its fences (`_write_guessed`), i.e. one round trip, one result and no transaction left
-open between messages.
+less: one statement outside any transaction, prepared once per connection and sent by
+libpq directly (`batch_sql.Prepared`), whose first WITH parts take the head lock and
+check its fences (`_write_guessed`), i.e. one round trip, one result and no transaction
+left open between messages.
 
 One commit per batch instead of per event is what makes the log fast (the fsync is
 shared); appenders that arrive while a transaction runs form the next batch. The
@@ -220,6 +221,7 @@ class Journal:
         self._stop_deadline = float("inf")
         self._available = True
         self._conn: psycopg.Connection[Any] | None = None
+        self._prepared: batch_sql.Prepared | None = None  # the guessed path's, per connection
         self._head: tuple[int, bytes] | None = None  # (position, hash) our last commit left
         self._guess_head_after = 0.0  # monotonic time; see SHARED_HEAD_REST
         self._batches = 0
@@ -430,6 +432,7 @@ class Journal:
                 options=idle_transaction_limit(self._hold_limit),
             )
             projection.prepare(self._conn)
+            self._prepared = batch_sql.Prepared(self._conn)
         return self._conn
 
     def _probe(self) -> None:
@@ -462,20 +465,18 @@ class Journal:
         events = [event for request in batch for event in request.events]
         small = len(events) <= batch_sql.INSERT_MAX_EVENTS and not deciding
         known, self._head = (None if retrying else self._head), None
+        if known is not None and small and time.monotonic() >= self._guess_head_after:
+            # Refused, the statement was its own transaction and is over: not in doubt.
+            try:
+                return self._write_guessed(events, batch_id, known, _fence_arrays(batch))
+            except (psycopg.errors.UniqueViolation, psycopg.errors.RestrictViolation):
+                self._commit_sent = False  # another writer moved the head
+                self._guess_head_after = time.monotonic() + SHARED_HEAD_REST
+            except psycopg.Error as exc:
+                if exc.sqlstate != FENCE_SQLSTATE:
+                    raise
+                self._commit_sent = False  # a shard moved on: the locked path sorts the batch
         with conn.cursor() as cur:
-            if known is not None and small and time.monotonic() >= self._guess_head_after:
-                try:
-                    return self._write_guessed(conn, cur, events, batch_id, known,
-                                               _fence_arrays(batch))
-                except (psycopg.errors.UniqueViolation, psycopg.errors.RestrictViolation):
-                    conn.rollback()  # another writer moved the head: refused, not in doubt
-                    self._commit_sent = False
-                    self._guess_head_after = time.monotonic() + SHARED_HEAD_REST
-                except psycopg.Error as exc:
-                    if exc.sqlstate != FENCE_SQLSTATE:
-                        raise
-                    conn.rollback()  # a shard moved on: the locked path sorts the batch
-                    self._commit_sent = False
             # BEGIN, then the head's lock: two round trips where a pipeline would take
             # one, because a pipeline ends with a flush request, after which PostgreSQL
             # no longer times the transaction as idle; this one must be ended by the
@@ -503,15 +504,15 @@ class Journal:
                     return head[0] + 1
             return self._write_locked(conn, cur, events, batch_id, head)
 
-    def _write_guessed(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
-                       events: list[batch_sql.Encoded], batch_id: uuid.UUID,
+    def _write_guessed(self, events: list[batch_sql.Encoded], batch_id: uuid.UUID,
                        head: tuple[int, bytes],
                        fences: tuple[list[int], list[int]] | None) -> int:
         """A small batch after `head`, the head our last commit left, as ONE statement
         that is its own transaction: its first parts take the head lock and check the
         batch's `fences` under it, before any event goes in. psycopg's pipeline (BEGIN,
         lock, statement, COMMIT) cost about as much of the writer's CPU as the rest of a
-        lone commit; one statement in autocommit is one round trip and one result."""
+        lone commit; one statement outside a transaction is one round trip and one
+        result (`batch_sql.Prepared`)."""
         first = head[0] + 1
         position, last, patch, rows = batch_sql.event_columns(events, *head)
         statement = batch_sql.one_statement(rows, patch, [batch_id, first, position],
@@ -519,16 +520,10 @@ class Journal:
                                             extra=self._prune_due())
         # Its COMMIT is the statement's end: in doubt from here if the answer is lost.
         self._commit_sent = True
-        conn.autocommit = True
-        try:
-            cur.execute(*statement)
-        finally:
-            try:
-                conn.autocommit = False
-            except psycopg.Error:  # the connection broke: the retry takes a new one
-                self._discard_connection()
-        if cur.rowcount != len(events):
-            raise JournalError(f"batch {batch_id}: {cur.rowcount} of {len(events)} events "
+        assert self._prepared is not None, "made with the connection"
+        inserted = self._prepared.run(statement)
+        if inserted != len(events):
+            raise JournalError(f"batch {batch_id}: {inserted} of {len(events)} events "
                                "inserted: the log's head row is missing (tampered schema?)")
         self._head = (position, last)
         return first
@@ -596,7 +591,7 @@ class Journal:
             return now < self._stop_deadline
 
     def _discard_connection(self) -> None:
-        self._head = None
+        self._head, self._prepared = None, None
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -231,8 +232,8 @@ class Proxy:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self.down = False
-        # Set to bytes that end a transaction (b"COMMIT", or SYNC for a statement in
-        # autocommit): the next upstream chunk holding them reaches the server, then the
+        # Set to bytes that end a transaction (b"COMMIT", or SYNC for a statement sent
+        # outside one): the next upstream chunk holding them reaches the server, then the
         # connection is cut before any answer.
         self.cut_after: bytes | None = None
         self.commits_cut = 0
@@ -318,7 +319,7 @@ def test_outage_futures_resolve_after_the_database_returns(
     assert count_events(dsn) == 6
 
 
-# The extended protocol's Sync message: a statement in autocommit commits there.
+# The extended protocol's Sync message: a statement sent outside a transaction commits there.
 SYNC = b"S\x00\x00\x00\x04"
 
 
@@ -374,6 +375,70 @@ def test_a_lone_append_does_not_wait_for_company(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM journal_batches").fetchone()
     assert row is not None and row[0] == 5
+
+
+def _one_registration(conn: psycopg.Connection[Any], token: str) -> tuple[str, list[Any]]:
+    """A guessed-head statement for one registration after the log's current head."""
+    row = conn.execute("SELECT position, hash FROM log_head").fetchone()
+    assert row is not None
+    conn.rollback()
+    position, _, patch, rows = batch_sql.event_columns(
+        [batch_sql.encode(ev.device_registered(token, 1_700_000_000_000))], row[0], row[1])
+    return batch_sql.one_statement(rows, patch, [uuid.uuid4(), position, position],
+                                   take_lock=True)
+
+
+def test_a_prepared_statement_is_its_own_transaction(dsn: str) -> None:
+    """Sent on a connection that is not in autocommit, the statement still commits by
+    itself (another connection sees it) and leaves no transaction open; one left open
+    before it is rolled back, not joined."""
+    with psycopg.connect(dsn) as conn:
+        prepared = batch_sql.Prepared(conn)
+        assert prepared.run(_one_registration(conn, TOKEN)) == 1
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        conn.execute("SELECT 1")  # psycopg opens a transaction
+        statement = _one_registration(conn, "cd" * 32)
+        conn.execute("SELECT 1")
+        assert prepared.run(statement) == 1
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(dsn) as other:
+        tokens = [row[0] for row in other.execute("SELECT token FROM events ORDER BY position")]
+    assert tokens == [TOKEN, "cd" * 32]
+
+
+def test_a_refused_prepared_statement_raises_the_error_of_its_sqlstate(dsn: str) -> None:
+    """A statement whose positions another commit took is refused with psycopg's class for
+    the SQLSTATE (what the Journal tells apart), and nothing of it stays."""
+    with psycopg.connect(dsn) as conn:
+        prepared = batch_sql.Prepared(conn)
+        stale = _one_registration(conn, TOKEN)
+        assert prepared.run(_one_registration(conn, "cd" * 32)) == 1
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            prepared.run(stale)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert prepared.run(_one_registration(conn, "ef" * 32)) == 1  # still usable
+    assert count_events(dsn) == 2
+
+
+def test_a_prepared_statement_survives_psycopg_deallocating_all_of_them(dsn: str) -> None:
+    """psycopg answers a ROLLBACK on a connection where it prepared statements with
+    DEALLOCATE ALL (the Journal's locked path rolls back, e.g. after a refused fence):
+    ours are prepared again, and the batch is written once."""
+    with psycopg.connect(dsn) as conn:
+        conn.prepare_threshold = 0  # psycopg prepares its own statements at once
+        prepared = batch_sql.Prepared(conn)
+        assert prepared.run(_one_registration(conn, TOKEN)) == 1
+        conn.execute("SELECT 1")
+        conn.rollback()
+        conn.execute("SELECT 2")  # preceded by psycopg's DEALLOCATE ALL
+        conn.rollback()
+        assert prepared.run(_one_registration(conn, "cd" * 32)) == 1
+    assert count_events(dsn) == 2
+
+
+def test_a_prepared_statement_names_a_parameter_it_cannot_send() -> None:
+    with pytest.raises(TypeError, match="float"):
+        batch_sql.Prepared(None).run(("SELECT %s", [1.5]))  # type: ignore[arg-type]
 
 
 def test_a_small_batch_after_another_writer_moved_the_head_is_written_after_it(

@@ -21,9 +21,9 @@ from aiohttp import web
 
 POOL_SIZE = 16
 HEX = frozenset("0123456789abcdef")
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS naive_devices "
+SCHEMA = ("CREATE TABLE IF NOT EXISTS naive_devices "
            "(token text PRIMARY KEY, active boolean NOT NULL, registered_at_ms bigint NOT NULL)")
-_UPSERT = ("INSERT INTO naive_devices (token, active, registered_at_ms) VALUES (%s, true, %s) "
+UPSERT = ("INSERT INTO naive_devices (token, active, registered_at_ms) VALUES (%s, true, %s) "
            "ON CONFLICT (token) DO UPDATE SET active = true, "
            "registered_at_ms = excluded.registered_at_ms")
 
@@ -42,7 +42,7 @@ class Pool:
     async def register(self, token: str) -> None:
         conn = await self._idle.get()
         try:
-            await conn.execute(_UPSERT, (token, int(time.time() * 1000)))
+            await conn.execute(UPSERT, (token, int(time.time() * 1000)))
             await conn.commit()
         except BaseException:
             await conn.rollback()
@@ -53,7 +53,7 @@ class Pool:
 
 async def _serve(dsn: str, port: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(_SCHEMA)
+        conn.execute(SCHEMA)
     pool = Pool(dsn, POOL_SIZE)
     await pool.open()
 
