@@ -432,13 +432,13 @@ def test_a_process_frozen_past_its_lease_is_fenced_out_when_it_resumes(
               lambda: _shards_held_by(dsn, holder) == 0, relays)
     frozen.signal(signal.SIGCONT)
     _wait_for("run 2 to finish", lambda: _run_finished(dsn, 2), relays)
+    _wait_for("the late outcomes to be refused", lambda: "refused" in frozen.log, relays, 10)
     _stop_all(relays)
 
     log = events(dsn)
     assert finals(log, 2) == Counter(tokens), "exactly one final outcome per token"
     assert _stale_outcomes(log) == [], "an outcome from a stale epoch is in the log"
-    assert "the lease moved to another process" in frozen.log, \
-        "the answers that waited in the frozen process were not refused:\n" + frozen.log[-3000:]
+    assert "the lease moved to another process" in frozen.log
     assert audit_main(dsn, ["--verify"]) == 0
 
 
