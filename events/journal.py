@@ -311,6 +311,7 @@ class Journal:
                 future.set_exception(JournalStopped("the Journal is not running"))
                 return future
             self._queue.append(_Request([], future, time.monotonic(), (token, decide)))
+            self._cond.notify()
         return future
 
     def barrier(self) -> Future[list[int]]:

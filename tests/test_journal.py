@@ -377,6 +377,30 @@ def test_a_lone_append_does_not_wait_for_company(dsn: str) -> None:
     assert row is not None and row[0] == 5
 
 
+def test_a_decision_on_an_idle_writer_is_written_at_once(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead-token decision wakes an idle writer like any append: it is not left for the
+    writer's next idle probe (an hour here), which would keep the verdict's answer and
+    the token's unregistration waiting."""
+    monkeypatch.setattr(journal_module, "PROBE_EVERY", 3600.0)
+    j = Journal(dsn)
+    j.start()
+    try:
+        assert j.append([registered(1)]).result(10) == [1]
+        seen: list[tuple[bool, int | None]] = []
+
+        def decide(active: bool, registered_at_ms: int | None) -> ev.Event:
+            seen.append((active, registered_at_ms))
+            return ev.device_unregistered(f"{1:064x}", 1_700_000_000_500, "Unregistered")
+
+        written = j.append_decided(f"{1:064x}", decide).result(10)
+        assert written is not None and written.type == ev.DEVICE_UNREGISTERED
+        assert seen == [(True, 1_700_000_000_001)]
+    finally:
+        j.stop(5)
+    assert count_events(dsn) == 2
+
+
 def _one_registration(conn: psycopg.Connection[Any], token: str) -> tuple[str, list[Any]]:
     """A guessed-head statement for one registration after the log's current head."""
     row = conn.execute("SELECT position, hash FROM log_head").fetchone()
