@@ -290,13 +290,9 @@ class Journal:
         if not encoded:
             future.set_result([])
             return future
-        with self._cond:
-            if self._stopping or self._thread is None:
-                future.set_exception(JournalStopped("the Journal is not running"))
-                return future
-            self._queue.append(_Request(encoded, future, time.monotonic(),
-                                        fences=_fences(encoded)))
-            self._cond.notify()
+        if not self._enqueue(_Request(encoded, future, time.monotonic(),
+                                      fences=_fences(encoded))):
+            future.set_exception(JournalStopped("the Journal is not running"))
         return future
 
     def append_decided(self, token: str, decide: Decide) -> Future[Event | None]:
@@ -306,25 +302,27 @@ class Journal:
         written (None: nothing written) after COMMIT. While the registration cannot be
         read nothing is written: the batch is retried as any other."""
         future: Future[Event | None] = Future()
-        with self._cond:
-            if self._stopping or self._thread is None:
-                future.set_exception(JournalStopped("the Journal is not running"))
-                return future
-            self._queue.append(_Request([], future, time.monotonic(), (token, decide)))
-            self._cond.notify()
+        if not self._enqueue(_Request([], future, time.monotonic(), (token, decide))):
+            future.set_exception(JournalStopped("the Journal is not running"))
         return future
 
     def barrier(self) -> Future[list[int]]:
         """Resolves once every append queued before it has been committed (or failed):
         whoever reads the log after it sees all of them that made it."""
         future: Future[list[int]] = Future()
+        if not self._enqueue(_Request([], future, time.monotonic())):
+            future.set_result([])
+        return future
+
+    def _enqueue(self, request: _Request) -> bool:
+        """Queue `request` and wake the writer, which may be idle until its next probe;
+        False, with nothing queued, when the Journal is not running."""
         with self._cond:
             if self._stopping or self._thread is None:
-                future.set_result([])
-                return future
-            self._queue.append(_Request([], future, time.monotonic()))
+                return False
+            self._queue.append(request)
             self._cond.notify()
-        return future
+        return True
 
     @property
     def database_available(self) -> bool:

@@ -387,13 +387,14 @@ def test_a_decision_on_an_idle_writer_is_written_at_once(
     j.start()
     try:
         assert j.append([registered(1)]).result(10) == [1]
+        token = registered(1).data["token"]
         seen: list[tuple[bool, int | None]] = []
 
         def decide(active: bool, registered_at_ms: int | None) -> ev.Event:
             seen.append((active, registered_at_ms))
-            return ev.device_unregistered(f"{1:064x}", 1_700_000_000_500, "Unregistered")
+            return ev.device_unregistered(token, 1_700_000_000_500, "Unregistered")
 
-        written = j.append_decided(f"{1:064x}", decide).result(10)
+        written = j.append_decided(token, decide).result(10)
         assert written is not None and written.type == ev.DEVICE_UNREGISTERED
         assert seen == [(True, 1_700_000_000_001)]
     finally:
