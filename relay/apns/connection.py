@@ -168,6 +168,31 @@ class _CountingH2Connection(H2Connection):  # type: ignore[misc]
         return max(walked, own)
 
 
+def client_h2(count_open: Callable[[], int], label: str) -> H2Connection:
+    """h2's client state machine as every APNs connection uses it (bench/h2_floor.py
+    measures exactly this): the project's HPACK codec, no server push, and no header
+    validation, since we build every header ourselves."""
+    config = H2Configuration(
+        client_side=True,
+        header_encoding=None,
+        # We build every header ourselves (lower-case, never-indexed where it matters),
+        # so h2's per-request re-validation would only burn CPU.
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        # Only :status and the JSON body are read from answers (and APNs sends no cookies
+        # for h2 to merge).
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+    )
+    h2 = _CountingH2Connection(config, count_open, label)
+    h2.encoder = HeaderEncoder()
+    decoder = HeaderDecoder()
+    decoder.max_header_list_size = h2.decoder.max_header_list_size
+    h2.decoder = decoder
+    h2.local_settings.enable_push = 0
+    return h2
+
+
 class Http2Connection(asyncio.Protocol):
     """An APNs connection; all methods run on the client's event-loop thread."""
 
@@ -180,25 +205,8 @@ class Http2Connection(asyncio.Protocol):
         self._idle_ping, self._ping_timeout = idle_ping, ping_timeout
         self._body = body
         self.label = label
-        config = H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            # We build every header ourselves (lower-case, never-indexed where it matters),
-            # so h2's per-request re-validation would only burn CPU.
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            # Only :status and the JSON body are read from answers (and APNs sends no cookies
-            # for h2 to merge).
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-        )
         self._streams: dict[int, _Stream] = {}
-        self._h2 = _CountingH2Connection(config, lambda: len(self._streams), label)
-        self._h2.encoder = HeaderEncoder()
-        decoder = HeaderDecoder()
-        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
-        self._h2.decoder = decoder
-        self._h2.local_settings.enable_push = 0
+        self._h2 = client_h2(lambda: len(self._streams), label)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = self._loop.create_future()
