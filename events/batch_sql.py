@@ -253,6 +253,33 @@ def lock_head(cur: psycopg.Cursor[Any]) -> tuple[int, bytes]:
     return int(row[0]), bytes(row[1])
 
 
+# The holder of the head lock when it is a relay session that has waited on its client for
+# longer than a limit: between the messages of one write (a pipeline before its Sync, a COPY
+# before its rows), where PostgreSQL times nothing, so a paused process would keep the lock
+# for as long as it stays paused. Ended by the caller (pg_terminate_backend).
+_END_STALLED_HOLDER_SQL = (
+    "SELECT a.pid, a.application_name, extract(epoch FROM now() - a.state_change)::float8,"
+    " pg_terminate_backend(a.pid)"
+    " FROM pg_stat_activity a"
+    " WHERE a.backend_xid = (SELECT xmax FROM log_head)"
+    " AND a.pid <> pg_backend_pid() AND a.application_name LIKE 'relay%%'"
+    " AND a.wait_event_type = 'Client' AND a.wait_event = 'ClientRead'"
+    " AND a.state_change < now() - make_interval(secs => %s)")
+
+
+def end_stalled_head_holder(cur: psycopg.Cursor[Any], limit: float
+                            ) -> tuple[int, str, float] | None:
+    """End the session of a relay that holds the head lock while it has waited `limit`
+    seconds or more for its own process to send the rest of a write: (pid,
+    application_name, seconds waited) of the session ended, or None. Its transaction rolls
+    back; its process, once running again, settles that batch as any COMMIT in doubt.
+    A session that works, or waits on anything but its client, is never ended."""
+    row = cur.execute(_END_STALLED_HOLDER_SQL, (limit,)).fetchone()
+    if row is None or not row[3]:
+        return None
+    return int(row[0]), str(row[1]), float(row[2])
+
+
 def append_locked(cur: psycopg.Cursor[Any], events: Sequence[Event],
                   head: tuple[int, bytes]) -> None:
     """Append `events` after `head` in the caller's transaction, which holds the head

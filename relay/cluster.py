@@ -15,7 +15,9 @@ outcomes appended before are visible to the new holder, and outcomes appended af
 checked against the new epoch (fencing, events/journal.py). The take is a transaction
 of its own, after the renewal, and waits for the head lock briefly: a process paused
 while holding that lock (its transaction ended by the server after
-`cluster.hold_limit`) delays a take, never the renewal. A process holding more than
+`cluster.hold_limit`, or, paused between the messages of one write, where the server times
+nothing, its session ended after as long by the process whose take found the lock held)
+delays a take, never the renewal. A process holding more than
 its share marks the excess as draining: its Dispatcher stops taking their tokens and
 releases each (`shard_released`) once its sends are answered. A process that cannot
 renew sends nothing more for its shards once the lease it last renewed runs out by its
@@ -47,7 +49,7 @@ import psycopg
 
 from events import projection
 from events import types as ev
-from events.batch_sql import append_locked, lock_head
+from events.batch_sql import append_locked, end_stalled_head_holder, lock_head
 from events.store import RunRecord
 from relay import metrics
 from relay.config import ClusterConfig
@@ -217,8 +219,27 @@ class LeaseKeeper:
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 log.info("the log's head stayed locked for %.1fs: free shards are taken at a "
                          "later renewal", self.take_wait)
+                self._end_stalled_holder(conn)
         excess = sorted(held, reverse=True)[:max(0, len(held) - share)]
         return held, frozenset(excess), taken
+
+    def _end_stalled_holder(self, conn: psycopg.Connection[Any]) -> None:
+        """A process paused in the middle of a write holds the head lock where the server's
+        `hold_limit` does not reach (see `end_stalled_head_holder`): every process would
+        wait on it for as long as it stays paused. The first to find it so ends its session."""
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                ended = end_stalled_head_holder(cur, self._config.hold_limit)
+        except psycopg.Error as exc:  # never at the cost of the renewal already made
+            log.warning("cannot tell who holds the log's head lock: %s", first_line(exc))
+            return
+        if ended is not None:
+            pid, name, waited = ended
+            metrics.HEAD_HOLDERS_ENDED.inc()
+            log.warning("ended the database session %d (%s): it held the log's head lock and "
+                        "had waited %.1fs for its process to send the rest of a write (a "
+                        "paused or stuck process); that process settles the write when it "
+                        "runs again", pid, name, waited)
 
     def _take(self, cur: psycopg.Cursor[Any], wanted: int, held: dict[int, int]) -> list[int]:
         me, ttl = self.member, self._config.lease_ttl

@@ -81,6 +81,11 @@ FENCED_OUTCOMES = Counter(
     "relay_fenced_outcomes", "Outcome events refused because their shard's lease had moved "
     "to another process (a newer epoch).", registry=REGISTRY,
 )
+HEAD_HOLDERS_ENDED = Counter(
+    "relay_head_holders_ended", "Database sessions of other relay processes ended because "
+    "they held the log's head lock while waiting on their paused process mid-write.",
+    registry=REGISTRY,
+)
 SHARDS_HELD = Gauge(
     "relay_cluster_shards_held", "Shards this process holds a lease on.", registry=REGISTRY
 )

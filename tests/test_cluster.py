@@ -141,18 +141,25 @@ def test_an_expired_lease_is_taken_over_with_a_new_epoch(
     assert stuck.leases() == Leases()
 
 
-def test_a_process_paused_holding_the_head_lock_delays_takes_never_renewals(
-        dsn: str, keepers: list[LeaseKeeper]) -> None:
-    """Another process stopped in the middle of an append holds the log's head lock (here:
-    a transaction left open). Taking the shards of a process whose leases expired waits
-    for that lock, briefly; renewing the shards held never waits for it."""
-    config = ClusterConfig(shards=4, lease_ttl=2.0)
+def _split_keepers(dsn: str, config: ClusterConfig) -> tuple[LeaseKeeper, LeaseKeeper]:
+    """A process that stopped renewing and one that goes on, two shards each: once the first
+    one's leases lapse, the second's renewals try to take them."""
     stuck, other = (LeaseKeeper(dsn, config, _member(n)) for n in ("stuck", "other"))
     stuck.renew()
     other.renew()  # two members: a share of 2 each, all 4 still the stuck one's
     stuck.renew()  # gives up its excess (it drives no run: at once)
     other.renew()
     assert set(stuck.leases().held) == {0, 1} and set(other.leases().held) == {2, 3}
+    return stuck, other
+
+
+def test_a_process_paused_holding_the_head_lock_delays_takes_never_renewals(
+        dsn: str, keepers: list[LeaseKeeper]) -> None:
+    """Another process stopped in the middle of an append holds the log's head lock (here:
+    a transaction left open). Taking the shards of a process whose leases expired waits
+    for that lock, briefly; renewing the shards held never waits for it."""
+    config = ClusterConfig(shards=4, lease_ttl=2.0)
+    _, other = _split_keepers(dsn, config)
     mine = other.leases().held
     with psycopg.connect(dsn) as paused:
         paused.execute("SELECT 1 FROM log_head FOR UPDATE")  # and never commits
@@ -166,6 +173,55 @@ def test_a_process_paused_holding_the_head_lock_delays_takes_never_renewals(
     other.renew()
     assert set(other.leases().held) == {0, 1, 2, 3}
     assert {s: e for s, e in other.leases().held.items() if s in mine} == mine
+
+
+def _session_alive(dsn: str, pid: int) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                            (pid,)).fetchone() == (1,)
+
+
+def test_a_relay_paused_in_the_middle_of_a_write_is_ended_by_the_next_take(dsn: str) -> None:
+    """Paused between the messages of one write (here: a COPY whose rows never come), a
+    relay's session holds the head lock where PostgreSQL times nothing. The next process
+    whose take finds the lock held ends that session once it has waited `hold_limit`, and
+    takes the shards; a relay session that is working under the lock is left alone."""
+    config = ClusterConfig(shards=4, lease_ttl=2.0)
+    _, other = _split_keepers(dsn, config)
+    mine = other.leases().held
+    time.sleep(config.lease_ttl + 0.2)  # the stuck one's leases lapse
+    # Working under the lock (a long statement, not a wait on its client): never ended.
+    with psycopg.connect(dsn, application_name="relay-journal") as working:
+        working.execute("SELECT 1 FROM log_head FOR UPDATE")
+        sleeper = threading.Thread(target=working.execute, args=("SELECT pg_sleep(2.5)",))
+        sleeper.start()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            other.renew()
+        sleeper.join()
+        assert other.leases().held == mine, "nothing taken while the head was locked"
+        working.rollback()
+    ended_before = metrics.HEAD_HOLDERS_ENDED._value.get()
+    stalled = psycopg.connect(dsn, application_name="relay-journal")
+    try:
+        stalled.execute("CREATE TEMP TABLE rows_to_come (x int)")
+        stalled.execute("SELECT 1 FROM log_head FOR UPDATE")
+        pid = stalled.info.backend_pid
+        with pytest.raises(psycopg.OperationalError), \
+                stalled.cursor().copy("COPY rows_to_come FROM STDIN"):
+            started = time.monotonic()
+            while time.monotonic() < started + 10 and _session_alive(dsn, pid):
+                other.renew()
+                time.sleep(other.renew_every)
+            waited = time.monotonic() - started
+            assert not _session_alive(dsn, pid), "the stalled session was ended"
+    finally:
+        stalled.close()
+    assert waited >= config.hold_limit, "not before it had waited hold_limit"
+    assert metrics.HEAD_HOLDERS_ENDED._value.get() - ended_before == 1
+    other.renew()
+    assert set(other.leases().held) == {0, 1, 2, 3}
+    assert audit_main(dsn, ["--verify"]) == 0
 
 
 def test_a_stop_releases_every_shard_at_once(dsn: str, keepers: list[LeaseKeeper]) -> None:
