@@ -30,12 +30,12 @@ from pathlib import Path
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers.__main__ import HERE, _install_peers, _peer
+from bench.peers.__main__ import _install_peers, node_apn
 from relay.apns.connection import client_h2
 
 BODY = b'{"aps":{"content-available":1}}'
@@ -45,7 +45,7 @@ BEARER = b"bearer " + b"e" * 36 + b"." + b"c" * 60 + b"." + b"s" * 86
 
 def _server() -> H2Connection:
     server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-    server.local_settings = type(server.local_settings)(
+    server.local_settings = Settings(
         client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
     server.initiate_connection()
     return server
@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = h2_floor(args.n, args.in_flight) / args.n * 1e6
     print(f"h2 alone, the relay's calls and configuration: {floor:.1f} us CPU per notification")
     with tempfile.TemporaryDirectory(prefix="relay-h2-floor-") as tmp:
-        apns_args = ["{endpoint}", "{ca_file}", "{key_file}", "{key_id}", "{team_id}",
-                     "{topic}"]
-        node = _peer("node-apn", ["node", str(HERE / "node_apn_driver.js"), str(args.n),
-                                  *apns_args], Path(tmp))
+        node = node_apn(args.n, Path(tmp))
     print(f"node-apn, its whole process: {node.cpu_us:.1f} us CPU per notification "
           f"({node.rate:,.0f}/s)")
     print(f"h2's floor / node-apn's CPU: {floor / node.cpu_us:.2f}x "

@@ -86,6 +86,16 @@ def _peer(name: str, command: list[str], workdir: Path) -> Result:
     return Result(name, int(output[3]), wall, usage.ru_utime + usage.ru_stime, peak)
 
 
+# The simulator's connection details, filled in by `_peer` for each peer's command line.
+APNS_ARGS = ["{endpoint}", "{ca_file}", "{key_file}", "{key_id}", "{team_id}", "{topic}"]
+
+
+def node_apn(count: int, workdir: Path) -> Result:
+    """node-apn's driver sending `count` background notifications (bench/h2_floor.py too)."""
+    return _peer("node-apn", ["node", str(HERE / "node_apn_driver.js"), str(count),
+                              *APNS_ARGS], workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,17 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"N = {args.n:,}  (load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})",
           flush=True)
-    apns_args = ["{endpoint}", "{ca_file}", "{key_file}", "{key_id}", "{team_id}", "{topic}"]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="relay-peers-") as tmp:
         workdir = Path(tmp)
-        results.append(_peer("node-apn", ["node", str(HERE / "node_apn_driver.js"),
-                                          str(args.n), *apns_args], workdir))
+        results.append(node_apn(args.n, workdir))
         results.append(_peer("aioapns", [
             sys.executable, "-m", "bench.peers.aioapns_driver", "-n", str(args.n),
             *(f"--{key}={value}" for key, value in zip(
                 ("endpoint", "ca-file", "key-file", "key-id", "team-id", "topic"),
-                apns_args, strict=True))], workdir))
+                APNS_ARGS, strict=True))], workdir))
         relay_args = argparse.Namespace(senders=None, max_in_flight=None, mix=False,
                                         connections=1, processes=0, py_spy=None)
         with server(args.dsn) as admin_dsn, migrated_database(admin_dsn, "bench_peers") as dsn:
